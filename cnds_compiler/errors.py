@@ -1,0 +1,153 @@
+"""The one error hierarchy of cnds.
+
+Every mistake a user can make ends in a :class:`CndsError`. An error that knows where it comes from
+carries a :class:`~cnds_compiler.source.Span` and renders as ``file:line:col: message`` followed by the
+source line and a caret, optional notes that point at other places ("first defined here") and an
+optional hint ("did you mean ...?"). The CLIs print :meth:`CndsError.render` and exit with code 1.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+from .source import Span
+
+
+class CndsError(Exception):
+    """Root of every error cnds reports to a user."""
+
+    #: Short category shown after the location, e.g. ``syntax error``.
+    kind = "error"
+
+    def __init__(
+        self,
+        message: str,
+        span: Span | None = None,
+        *,
+        hint: str | None = None,
+        notes: tuple[tuple[Span, str], ...] = (),
+        path: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.span = span
+        self.hint = hint
+        self.notes = notes
+        #: A file the error is about when there is no span (a missing checkpoint, a data folder).
+        self.path = path
+
+    @property
+    def line(self) -> int | None:
+        return self.span.location().line if self.span else None
+
+    @property
+    def column(self) -> int | None:
+        return self.span.location().column if self.span else None
+
+    def headline(self) -> str:
+        """The first line: ``file:line:col: kind: message`` (or ``path: kind: message``)."""
+        if self.span is not None:
+            where = f"{self.span.location()}: "
+        elif self.path is not None:
+            where = f"{self.path}: "
+        else:
+            where = ""
+        return f"{where}{self.kind}: {self.message}"
+
+    def render(self) -> str:
+        """Headline, the offending source line with carets, notes and the hint."""
+        parts = [self.headline()]
+        if self.span is not None:
+            parts.append(self.span.excerpt())
+        for span, note in self.notes:
+            parts.append(f"{span.location()}: note: {note}")
+            parts.append(span.excerpt())
+        if self.hint:
+            parts.append(f"hint: {self.hint}")
+        return "\n".join(parts)
+
+    def __str__(self) -> str:
+        return self.headline()
+
+
+class SpecSyntaxError(CndsError):
+    """The text is not a well-formed .cnds spec."""
+
+    kind = "syntax error"
+
+
+class SpecIncludeError(CndsError):
+    """An ``extends`` target cannot be read or forms a cycle."""
+
+    kind = "error"
+
+
+class UnknownNameError(CndsError):
+    """A layer, block, op, parameter or setting name that does not exist."""
+
+    kind = "unknown name"
+
+
+class DuplicateNameError(CndsError):
+    """A name defined twice."""
+
+    kind = "duplicate name"
+
+
+class ArgumentError(CndsError):
+    """An op or block called with missing, extra or out-of-range arguments."""
+
+    kind = "bad argument"
+
+
+class ShapeError(CndsError):
+    """Shape inference found an op that cannot apply to its input."""
+
+    kind = "shape error"
+
+
+class SupervisionError(CndsError):
+    """A supervision point is placed or configured wrongly."""
+
+    kind = "supervision error"
+
+
+class IRFormatError(CndsError):
+    """A serialised IR file does not match the schema or cannot be read."""
+
+    kind = "invalid IR"
+
+
+class UnsupportedError(CndsError):
+    """Something that cannot be lowered or exported."""
+
+    kind = "unsupported"
+
+
+class CheckpointError(CndsError):
+    """A checkpoint is missing, corrupt, or belongs to another spec."""
+
+    kind = "checkpoint error"
+
+
+class DataError(CndsError):
+    """A data source is missing, malformed or does not fit the spec."""
+
+    kind = "data error"
+
+
+class TrainingError(CndsError):
+    """Training cannot go on (non-finite loss, bad configuration)."""
+
+    kind = "training error"
+
+
+def did_you_mean(name: str, candidates: Iterable[str]) -> str | None:
+    """A "did you mean ...?" hint for a misspelt ``name``, or ``None`` when nothing is close."""
+    close = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.6)
+    if not close:
+        return None
+    if len(close) == 1:
+        return f"did you mean '{close[0]}'?"
+    return "did you mean " + ", ".join(f"'{c}'" for c in close[:-1]) + f" or '{close[-1]}'?"

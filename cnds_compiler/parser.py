@@ -1,0 +1,234 @@
+"""Text → AST. The lark Transformer only maps parse trees to :mod:`cnds_compiler.ast` nodes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lark import Lark, Token, Transformer, UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, v_args
+from lark.exceptions import UnexpectedToken
+
+from . import ast
+from .errors import CndsError, SpecIncludeError, SpecSyntaxError
+from .source import Source, Span
+
+_PARSER = Lark.open(
+    "cnds.lark", rel_to=__file__, parser="lalr", propagate_positions=True, strict=True, maybe_placeholders=True
+)
+
+# Malformed snippets and what to tell the user; lark's match_examples picks the closest.
+_SYNTAX_EXAMPLES: dict[str, list[str]] = {
+    "a layer needs a name and a colon, e.g. `conv1: conv2d(64, 3)`": [
+        "network n\nconv2d(64, 3)\n",
+        "network n\nconv1 conv2d(64, 3)\n",
+    ],
+    "unclosed parenthesis": ["network n\nconv1: conv2d(64, 3\n", "network n\nc: conv2d((64, 3)\n"],
+    "unclosed `{`: a supervise or section block must end with `}` on its own line": [
+        "network n\ntrain { epochs 3\n",
+        "network n\nsupervise c {\n a: relu\n",
+    ],
+    "input takes CxHxW, e.g. `input 3x227x227`": ["network n\ninput 3\n", "network n\ninput 3x227\n"],
+    "an argument is missing between commas": ["network n\nc: conv2d(64,, 3)\n", "network n\nc: conv2d(,3)\n"],
+    "a setting needs a name and a value, e.g. `epochs 10`": ["network n\ntrain { epochs }\n"],
+}
+
+
+def _span(source: Source, meta_or_token) -> Span:
+    if isinstance(meta_or_token, Token):
+        return Span(source, meta_or_token.start_pos, meta_or_token.end_pos)
+    return Span(source, meta_or_token.start_pos, meta_or_token.end_pos)
+
+
+@v_args(meta=True, inline=True)
+class _ToAst(Transformer):
+    """Maps each grammar rule to the AST dataclass of the same name; nothing more."""
+
+    def __init__(self, source: Source) -> None:
+        super().__init__()
+        self.src = source
+
+    def _s(self, meta) -> Span:
+        return _span(self.src, meta)
+
+    # expressions
+    def number(self, meta, tok):
+        text = str(tok)
+        is_int = text.isdigit()
+        return ast.Number(int(text) if is_int else float(text), self._s(tok))
+
+    def ref(self, meta, tok):
+        return ast.Ref(str(tok), self._s(tok))
+
+    def string(self, meta, tok):
+        return ast.String(str(tok)[1:-1], self._s(tok))
+
+    def _bin(op):  # noqa: N805 - a factory used in the class body
+        def rule(self, meta, left, right):
+            return ast.BinOp(op, left, right, self._s(meta))
+
+        return rule
+
+    add, sub, mul, div = _bin("+"), _bin("-"), _bin("*"), _bin("/")
+
+    def neg(self, meta, operand):
+        return ast.Neg(operand, self._s(meta))
+
+    def list(self, meta, *items):
+        return ast.ListValue(tuple(i for i in items if i is not None), self._s(meta))
+
+    def positional(self, meta, value):
+        return ast.Arg(None, value, self._s(meta))
+
+    def keyword(self, meta, name, value):
+        return ast.Arg(str(name), value, self._s(meta))
+
+    def call(self, meta, name, *args):
+        return ast.Call(str(name), tuple(a for a in args if a is not None), self._s(meta), self._s(name))
+
+    fcall = call
+
+    # statements
+    def network(self, meta, name):
+        return ast.NetworkDecl(str(name), self._s(meta))
+
+    def extends(self, meta, path):
+        return ast.ExtendsDecl(str(path)[1:-1], self._s(meta))
+
+    def input(self, meta, shape):
+        c, h, w = (int(d) for d in str(shape).split("x"))
+        return ast.InputDecl((c, h, w), self._s(meta))
+
+    def classes(self, meta, value):
+        return ast.ClassesDecl(value, self._s(meta))
+
+    def init(self, meta, call):
+        return ast.InitDecl(call, self._s(meta))
+
+    def pooling(self, meta, mode):
+        return ast.PoolingDecl(str(mode), self._s(meta))
+
+    def param(self, meta, name, default):
+        return ast.Param(str(name), default, self._s(meta))
+
+    def block_def(self, meta, name, *rest):
+        params = tuple(r for r in rest if isinstance(r, ast.Param))
+        body = tuple(r for r in rest if isinstance(r, ast.Call))
+        return ast.BlockDef(str(name), params, body, self._s(meta), self._s(name))
+
+    def rep_item(self, meta, first, last):
+        if last is None:
+            return (str(first),)
+        lo, hi = int(first), int(last)
+        if hi < lo:
+            raise _RangeError(self._s(meta), f"empty repetition range {lo}..{hi}")
+        return tuple(str(i) for i in range(lo, hi + 1))
+
+    def label(self, meta, name, *reps):
+        suffixes = tuple(s for r in reps if r is not None for s in r)
+        return (str(name), suffixes or None, self._s(name))
+
+    def layer(self, meta, label, *ops):
+        name, repeat, name_span = label
+        return ast.LayerDef(name, repeat, tuple(ops), self._s(meta), name_span)
+
+    def setting(self, meta, key, value):
+        return ast.Setting(str(key), value, self._s(meta), self._s(key))
+
+    def supervise(self, meta, *items):
+        taps = tuple((str(t), self._s(t)) for t in items if isinstance(t, Token))
+        settings = tuple(i for i in items if isinstance(i, ast.Setting))
+        layers = tuple(i for i in items if isinstance(i, ast.LayerDef))
+        return ast.Supervise(taps, settings, layers, self._s(meta))
+
+    def unsupervise(self, meta, *taps):
+        return ast.Unsupervise(tuple((str(t), self._s(t)) for t in taps), self._s(meta))
+
+    def section(self, meta, name, *settings):
+        return ast.Section(str(name), tuple(settings), self._s(meta), self._s(name))
+
+    def start(self, meta, *statements):
+        return statements
+
+
+class _RangeError(Exception):
+    def __init__(self, span: Span, message: str) -> None:
+        self.span, self.message = span, message
+
+
+def parse_text(text: str, name: str = "<spec>") -> ast.SpecFile:
+    """Parse spec text into an AST; raise :class:`SpecSyntaxError` pointing at the offending token."""
+    source = Source(name, text if text.endswith("\n") else text + "\n")
+    try:
+        tree = _PARSER.parse(source.text)
+    except UnexpectedInput as e:
+        raise _syntax_error(source, e) from None
+    try:
+        statements = _ToAst(source).transform(tree)
+    except Exception as e:  # lark wraps callback errors in VisitError
+        inner = getattr(e, "orig_exc", e)
+        if isinstance(inner, _RangeError):
+            raise SpecSyntaxError(inner.message, inner.span) from None
+        raise
+    return ast.SpecFile(name, tuple(statements))
+
+
+def parse_file(path: str | Path) -> ast.SpecFile:
+    """Read and parse a spec file; a missing or unreadable file is a :class:`CndsError` naming it."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecIncludeError("no such spec file", path=str(path)) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecIncludeError(f"cannot read spec file ({e.__class__.__name__}: {e})", path=str(path)) from None
+    return parse_text(text, str(path))
+
+
+def _describe(token: Token) -> str:
+    if token.type == "$END":
+        return "end of file"
+    if token.type == "_NL":
+        return "end of line"
+    return f"'{token}'"
+
+
+_TERMINAL_WORDS = {
+    "NAME": "a name", "NUMBER": "a number", "INT": "an integer", "STRING": "a quoted string",
+    "SHAPE": "a shape such as 3x227x227", "_NL": "end of line", "LPAR": "'('", "RPAR": "')'",
+    "LBRACE": "'{'", "RBRACE": "'}'", "LSQB": "'['", "RSQB": "']'", "COLON": "':'", "COMMA": "','",
+    "EQUAL": "'='", "MINUS": "'-'", "PLUS": "'+'", "STAR": "'*'", "SLASH": "'/'", "$END": "end of file",
+}
+
+
+def _expected(e: UnexpectedInput) -> str:
+    names = sorted(getattr(e, "expected", None) or getattr(e, "allowed", None) or ())
+    words = []
+    for n in names:
+        words.append(_TERMINAL_WORDS.get(n, f"'{n.lower()}'" if n.isupper() else n))
+    words = sorted(set(words))
+    if not words:
+        return ""
+    if len(words) > 6:
+        words = words[:6] + ["..."]
+    return "; expected " + ", ".join(words)
+
+
+def _syntax_error(source: Source, e: UnexpectedInput) -> CndsError:
+    pos = e.pos_in_stream if e.pos_in_stream is not None else len(source.text)
+    pos = min(pos, len(source.text))
+    end = pos
+    if isinstance(e, UnexpectedToken) and e.token.type not in ("$END", "_NL"):
+        end = min(len(source.text), pos + len(str(e.token)))
+    elif isinstance(e, UnexpectedCharacters):
+        end = min(len(source.text), pos + 1)
+    span = Span(source, pos, end)
+    try:
+        label = e.match_examples(_PARSER.parse, _SYNTAX_EXAMPLES, use_accepts=True)
+    except Exception:  # match_examples re-parses examples; never let that mask the real error
+        label = None
+    if isinstance(e, UnexpectedCharacters):
+        message = f"unexpected character '{source.text[pos]}'"
+    elif isinstance(e, UnexpectedEOF):
+        message = "unexpected end of file"
+    else:
+        message = f"unexpected {_describe(e.token)}"
+    return SpecSyntaxError(message + _expected(e), span, hint=label)
