@@ -388,10 +388,15 @@ class Network:
         return replace(self, branches=())
 
     def digest(self) -> str:
-        """Hash of the network's structure and settings (not of its source text or spans)."""
+        """Hash of the architecture (input, classes, trunk, branches), not of names, settings or spans.
+
+        Checkpoints record it: weights fit a network exactly when the digests agree, so editing the
+        ``train { }`` section or renaming the network keeps a run's checkpoints usable.
+        """
+        import json
+
         from .serialize import to_json_dict  # local: serialize imports this module
 
         doc = to_json_dict(self, include_sources=False, include_spans=False)
-        import json
-
-        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+        arch = {k: doc[k] for k in ("input", "num_classes", "trunk", "branches")}
+        return hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]

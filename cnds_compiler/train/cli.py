@@ -1,0 +1,131 @@
+"""``cnds-train`` and ``cnds-eval``: thin wrappers over :mod:`cnds_compiler.train.trainer`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..errors import CndsError
+
+DATA_HELP = ("digits (scikit-learn's bundled 8x8 digits, offline), fashion-mnist[:DIR] (IDX .gz files; "
+             "default /usr/share/datasets/fashion-mnist), imagefolder:DIR (DIR/train/<class>/..., DIR/val/<class>/...)")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="digits", help=f"data source: {DATA_HELP} (default: digits)")
+    p.add_argument("--workers", type=int, default=0, help="data-loader worker processes (default 0)")
+    p.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
+    p.add_argument("--ten-crop", action="store_true", help="evaluate on 10 crops (corners, centre, mirrors)")
+    p.add_argument("--limit-val", type=int, help="use only the first N validation examples")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is available")
+    p.add_argument("--traceback", action="store_true", help="show Python tracebacks on errors")
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cnds-train",
+        description="Train a .cnds network with deep supervision: L = L0 + sum_b alpha_t^(b) L_b (eq. 1), "
+        "alpha per the spec's schedule (eq. 2: alpha_0 (1 - t/N)). Runs as a plain command or under "
+        "`accelerate launch` / `torchrun` with no change.",
+    )
+    p.add_argument("spec", help="the .cnds spec to train")
+    p.add_argument("--out", default=None, help="run directory for checkpoints and logs (default: runs/<network>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--init-from", type=Path, help="copy every parameter whose name and shape match from this checkpoint")
+    p.add_argument("--epochs", type=int, help="override the spec's epochs")
+    p.add_argument("--batch-size", type=int, help="override the spec's (global) batch size")
+    p.add_argument("--lr", type=float, help="override the spec's base learning rate")
+    p.add_argument("--momentum", type=float, help="override the spec's momentum")
+    p.add_argument("--weight-decay", type=float, help="override the spec's weight decay")
+    p.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), help="override the spec's optimizer")
+    p.add_argument("--seed", type=int, help="override the spec's seed")
+    p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
+    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    p.add_argument("--limit-train", type=int, help="use only the first N training examples")
+    p.add_argument("--max-steps", type=int, help="stop after N optimizer steps (smoke tests)")
+    p.add_argument("--grad-monitor", type=int, default=0, metavar="N",
+                   help="record every conv layer's mean |gradient| every N steps into gradients.json")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _common(p)
+    return p
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    args = _train_parser().parse_args(argv)
+    try:
+        from ..frontend import compile_spec
+        from .trainer import RunOptions, Trainer, effective_config
+
+        net = compile_spec(args.spec)
+        cfg = effective_config(net, {
+            "epochs": args.epochs, "batch": args.batch_size, "lr": args.lr, "momentum": args.momentum,
+            "weight_decay": args.weight_decay, "optimizer": args.optimizer, "seed": args.seed,
+        })
+        out = Path(args.out) if args.out else Path("runs") / net.name
+        if not args.resume and (out / "last.pt").exists():
+            raise CndsError(f"{out} already holds a run; pass --resume to continue it or choose another --out",
+                            path=str(out))
+        opts = RunOptions(
+            data=args.data, out_dir=out, resume=args.resume, init_from=args.init_from,
+            mixed_precision=args.mixed_precision, grad_accum=args.grad_accum, cpu=args.cpu,
+            workers=args.workers, strict=args.strict, ten_crop=args.ten_crop, limit_train=args.limit_train,
+            limit_val=args.limit_val, progress=not args.no_progress, grad_monitor=args.grad_monitor,
+            max_steps=args.max_steps,
+        )
+        history = Trainer(net, cfg, opts).run()
+    except CndsError as e:
+        if args.traceback:
+            raise
+        print(e.render(), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; the last completed epoch's checkpoint is kept (resume with --resume)", file=sys.stderr)
+        return 130
+    if history:
+        last = history[-1]
+        print(f"done: {len(history)} epochs, val top-1 error {last['val_top1_error']['main'] * 100:.2f}% "
+              f"(accuracy {100 - last['val_top1_error']['main'] * 100:.2f}%), run in {out}")
+    return 0
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="cnds-eval", description="Top-1/top-5 error of a checkpoint, "
+                                "for the main head and every supervision branch.")
+    p.add_argument("spec", help="the .cnds spec the checkpoint was trained from")
+    p.add_argument("checkpoint", help="a checkpoint (last.pt / best.pt)")
+    p.add_argument("--batch-size", type=int, default=256)
+    _common(p)
+    args = p.parse_args(argv)
+    try:
+        import torch
+
+        from ..backends.pytorch import build_module
+        from ..frontend import compile_spec
+        from .checkpoint import load_checkpoint
+        from .data import load_source, make_loader
+        from .trainer import evaluate
+
+        net = compile_spec(args.spec)
+        ckpt = load_checkpoint(args.checkpoint, net)
+        model = build_module(net)
+        model.load_state_dict(ckpt["model"])
+        data = load_source(args.data, net, strict=args.strict, ten_crop=args.ten_crop, limit_val=args.limit_val)
+        loader = make_loader(data.val, args.batch_size, shuffle=False, workers=args.workers)
+        device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+        model.to(device)
+        top1, top5, skipped = evaluate(model, loader, device, model.branch_names, ten_crop=args.ten_crop)
+    except CndsError as e:
+        if args.traceback:
+            raise
+        print(e.render(), file=sys.stderr)
+        return 1
+    print(f"{net.name} on {data.description}" + (f" ({skipped} unreadable images skipped)" if skipped else ""))
+    print(f"{'head':<16}{'top-1 error %':>15}{'top-5 error %':>15}")
+    for head in top1:
+        print(f"{head:<16}{top1[head] * 100:>15.2f}{top5[head] * 100:>15.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(train_main())

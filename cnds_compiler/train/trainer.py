@@ -1,0 +1,555 @@
+"""Deep-supervision training with HuggingFace Accelerate (one CPU, one GPU, or many processes).
+
+The same code runs as a plain command and under ``accelerate launch`` / ``torchrun``. What it does per
+epoch t of N: α_b = schedule_b(t, N) for every branch b (eq. 2), L = L₀ + Σ_b α_b L_b (eq. 1), SGD with
+Caffe's bias learning-rate multiplier and weight decay on weights only, then validation of the main head
+and of every branch head, logs, and atomic checkpoints (``last.pt`` every epoch, ``best.pt`` on the best
+main-head top-1 error).
+
+A branch whose α is 0 is not computed. In a multi-process run its parameters still join the step's
+graph through a zero-weighted sum of their values, so every process reduces the same parameter set and
+DDP never waits for a gradient that will not come (no ``find_unused_parameters`` scan needed).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import CheckpointError, TrainingError
+from ..io import atomic_write_text
+from ..ir import Network, TrainConfig
+from ..serialize import dumps, loads
+from .checkpoint import load_checkpoint, save_checkpoint
+from .loss import alphas, deep_supervision_loss
+from .schedule import lr_factor
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run (not what to learn: that is the spec's TrainConfig, possibly overridden)."""
+
+    data: str = "digits"
+    out_dir: Path = Path("runs/default")
+    resume: bool = False
+    init_from: Path | None = None
+    mixed_precision: str = "no"
+    grad_accum: int = 1
+    cpu: bool = False
+    workers: int = 0
+    strict: bool = False
+    ten_crop: bool = False
+    limit_train: int | None = None
+    limit_val: int | None = None
+    progress: bool = True
+    grad_monitor: int = 0
+    """Record per-layer mean |grad| every this many steps (0 = off)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps in total (for smoke tests and benchmarks)."""
+
+
+@dataclass
+class EpochMetrics:
+    epoch: int
+    lr: float
+    alphas: dict[str, float]
+    train_loss: dict[str, float]
+    val_top1_error: dict[str, float]
+    val_top5_error: dict[str, float]
+    images_per_s: float
+    skipped: int
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ---- sampling ------------------------------------------------------------------------------------
+
+
+class GlobalBatchSampler(torch.utils.data.Sampler[int]):
+    """Index order for one process in one epoch.
+
+    The epoch's permutation depends only on (seed, epoch); it is cut into global batches and each
+    global batch into ``world`` contiguous slices, so N processes together see exactly the samples one
+    process sees with the same global batch, and a resumed epoch replays the same order.
+    """
+
+    def __init__(self, n: int, global_batch: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> None:
+        self.n, self.global_batch, self.seed, self.epoch = n, global_batch, seed, epoch
+        self.rank, self.world = rank, world
+        self.local = global_batch // world
+        self.batches = n // global_batch  # drop the last partial global batch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g).tolist()
+        for i in range(self.batches):
+            start = i * self.global_batch + self.rank * self.local
+            yield from perm[start : start + self.local]
+
+    def __len__(self) -> int:
+        return self.batches * self.local
+
+
+# ---- parameters and optimiser --------------------------------------------------------------------
+
+
+def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
+    """Weights: lr, weight decay. Biases: lr × bias_lr_mult, decay × bias_decay. Norm scales: no decay."""
+    weights, biases, norms = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.endswith(".bias"):
+            biases.append(p)
+        elif p.ndim == 1:
+            norms.append(p)
+        else:
+            weights.append(p)
+    groups = [
+        {"params": weights, "lr_mult": 1.0, "weight_decay": cfg.weight_decay},
+        {"params": biases, "lr_mult": cfg.bias_lr_mult, "weight_decay": cfg.weight_decay * cfg.bias_decay},
+        {"params": norms, "lr_mult": 1.0, "weight_decay": 0.0},
+    ]
+    for g in groups:
+        g["lr"] = cfg.lr * g["lr_mult"]
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def set_epoch_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, epoch: int) -> float:
+    lr = cfg.lr * lr_factor(cfg.lr_policy, epoch, cfg.epochs)
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_mult", 1.0)
+    return lr
+
+
+# ---- RNG state ---------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    """RNG states in types ``torch.load(weights_only=True)`` accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---- init-from ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InitReport:
+    copied: tuple[str, ...]
+    shape_mismatch: tuple[str, ...]
+    left_random: tuple[str, ...]
+
+    def format(self, source: str) -> str:
+        lines = [f"init-from {source}: copied {len(self.copied)} tensors, {len(self.left_random)} left as initialised"]
+        if self.copied:
+            lines.append("  copied:      " + ", ".join(self.copied))
+        if self.shape_mismatch:
+            lines.append("  shape differs (left as initialised): " + ", ".join(self.shape_mismatch))
+        others = [k for k in self.left_random if k not in self.shape_mismatch]
+        if others:
+            lines.append("  not in source (left as initialised): " + ", ".join(others))
+        return "\n".join(lines)
+
+
+def init_from(model: torch.nn.Module, path: str | Path) -> InitReport:
+    """Copy every tensor whose name and shape match from another model's checkpoint (any spec)."""
+    source = load_checkpoint(path)["model"]
+    own = model.state_dict()
+    copied, mismatch, missing = [], [], []
+    with torch.no_grad():
+        for key, tensor in own.items():
+            if key in source and tuple(source[key].shape) == tuple(tensor.shape):
+                tensor.copy_(source[key])
+                copied.append(key)
+            elif key in source:
+                mismatch.append(key)
+                missing.append(key)
+            else:
+                missing.append(key)
+    return InitReport(tuple(copied), tuple(mismatch), tuple(missing))
+
+
+# ---- evaluation -------------------------------------------------------------------------------------
+
+
+def topk_errors(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[int]:
+    """Number of examples whose label is not among the top-k logits, for each k."""
+    maxk = min(max(ks), logits.shape[1])
+    top = logits.topk(maxk, dim=1).indices
+    hit = top.eq(labels.unsqueeze(1))
+    return [int((~hit[:, : min(k, maxk)].any(dim=1)).sum()) for k in ks]
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, branches: tuple[str, ...], ten_crop: bool = False, reduce=None):
+    """Top-1/top-5 error of the main head and of every branch head over ``loader``."""
+    heads = ("main",) + branches
+    errors = {h: torch.zeros(2, dtype=torch.float64) for h in heads}
+    count = torch.zeros(1, dtype=torch.float64)
+    skipped = 0
+    was_training = model.training
+    model.eval()
+    try:
+        for images, labels, n_skipped in loader:
+            skipped += int(n_skipped)
+            images, labels = images.to(device), labels.to(device)
+            if ten_crop:  # (B, 10, C, H, W): average the softmax over crops
+                b, n = images.shape[:2]
+                out = model(images.flatten(0, 1), branches=branches)
+                outs = {"main": out.logits, **out.aux}
+                outs = {k: v.float().softmax(1).view(b, n, -1).mean(1) for k, v in outs.items()}
+            else:
+                out = model(images, branches=branches)
+                outs = {"main": out.logits.float(), **{k: v.float() for k, v in out.aux.items()}}
+            for h in heads:
+                errors[h] += torch.tensor(topk_errors(outs[h], labels), dtype=torch.float64)
+            count += labels.shape[0]
+    finally:
+        model.train(was_training)
+    if reduce is not None:
+        count = reduce(count)
+        errors = {h: reduce(e) for h, e in errors.items()}
+    n = max(1.0, float(count.item()))
+    top1 = {h: float(e[0]) / n for h, e in errors.items()}
+    top5 = {h: float(e[1]) / n for h, e in errors.items()}
+    return top1, top5, skipped
+
+
+# ---- the trainer --------------------------------------------------------------------------------------
+
+
+def effective_config(net: Network, overrides: dict[str, Any]) -> TrainConfig:
+    """The spec's solver settings with the CLI's overrides applied."""
+    return replace(net.train, **{k: v for k, v in overrides.items() if v is not None})
+
+
+class Trainer:
+    """Trains one network; ``run()`` returns the per-epoch metrics."""
+
+    def __init__(self, net: Network, cfg: TrainConfig, opts: RunOptions) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        self.net, self.cfg, self.opts = net, cfg, opts
+        self.out = Path(opts.out_dir)
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=False)
+        self.acc = Accelerator(
+            cpu=opts.cpu,
+            mixed_precision=opts.mixed_precision,
+            gradient_accumulation_steps=opts.grad_accum,
+            kwargs_handlers=[ddp],
+        )
+        world = self.acc.num_processes
+        if cfg.batch % (world * opts.grad_accum):
+            raise TrainingError(
+                f"batch {cfg.batch} is not divisible by processes ({world}) × gradient accumulation ({opts.grad_accum})"
+            )
+        self.micro_batch = cfg.batch // (world * opts.grad_accum)
+        self.start_epoch = 0
+        self.step = 0
+        self.history: list[dict] = []
+        self.best_error: float | None = None
+        self.grad_log: list[dict] = []
+
+    # -- setup
+    def _load_data(self):
+        from .data import load_source
+
+        self.data = load_source(
+            self.opts.data, self.net, strict=self.opts.strict, ten_crop=self.opts.ten_crop,
+            limit_train=self.opts.limit_train, limit_val=self.opts.limit_val, seed=self.cfg.seed,
+        )
+        global_micro = self.micro_batch * self.acc.num_processes
+        if len(self.data.train) < global_micro * self.opts.grad_accum:
+            raise TrainingError(
+                f"the training set has {len(self.data.train)} examples, fewer than one batch of {self.cfg.batch}"
+            )
+
+    def _train_loader(self, epoch: int):
+        from .data import make_loader
+
+        sampler = GlobalBatchSampler(
+            len(self.data.train), self.micro_batch * self.acc.num_processes, self.cfg.seed, epoch,
+            self.acc.process_index, self.acc.num_processes,
+        )
+        return make_loader(self.data.train, self.micro_batch, shuffle=False, workers=self.opts.workers,
+                           seed=self.cfg.seed, drop_last=True, sampler=sampler)
+
+    def _val_loader(self):
+        from .data import make_loader
+
+        n = len(self.data.val)
+        world, rank = self.acc.num_processes, self.acc.process_index
+        indices = list(range(rank, n, world))  # disjoint shards; sums are all-reduced
+        subset = torch.utils.data.Subset(self.data.val, indices)
+        return make_loader(subset, max(1, self.micro_batch), shuffle=False, workers=self.opts.workers, seed=0)
+
+    def _build(self):
+        from ..backends.pytorch import build_module
+
+        seed_everything(self.cfg.seed)
+        self.model = build_module(self.net)
+        self.optimizer = make_optimizer(self.model, self.cfg)
+        if self.opts.resume:
+            self._restore()
+        elif self.opts.init_from is not None:
+            report = init_from(self.model, self.opts.init_from)
+            self.print(report.format(str(self.opts.init_from)))
+        self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
+        self.branch_params = {
+            b.name: [p for p in self.acc.unwrap_model(self.model).aux[b.name].parameters()] for b in self.net.branches
+        }
+
+    def _restore(self):
+        path = self.out / "last.pt"
+        ckpt = load_checkpoint(path, self.net)
+        if ckpt.get("optimizer") is None or "epoch" not in ckpt:
+            raise CheckpointError("checkpoint has no training state to resume from", path=str(path))
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.start_epoch = int(ckpt["epoch"])
+        self.step = int(ckpt.get("step", 0))
+        self.history = list(ckpt.get("metrics", []))
+        self.best_error = ckpt.get("best_val_error")
+        self.grad_log = list(ckpt.get("grad_log", []))
+        set_rng_state(ckpt["rng"])
+        self.print(f"resumed {path} at epoch {self.start_epoch}/{self.cfg.epochs}")
+
+    def print(self, *args) -> None:
+        if self.acc.is_main_process:
+            print(*args, flush=True)
+
+    # -- checkpoints
+    def _state(self, epoch: int) -> dict:
+        model = self.acc.unwrap_model(self.model)
+        return {
+            "model": model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": None,
+            "epoch": epoch,
+            "step": self.step,
+            "rng": rng_state(),
+            "spec_name": self.net.name,
+            "spec_text": dumps(self.net),
+            "ir_hash": self.net.digest(),
+            "train_config": json.dumps(asdict(self.cfg)),
+            "metrics": self.history,
+            "best_val_error": self.best_error,
+            "grad_log": self.grad_log,
+        }
+
+    def _save(self, epoch: int, is_best: bool) -> None:
+        self.acc.wait_for_everyone()
+        if not self.acc.is_main_process:
+            return
+        state = self._state(epoch)
+        save_checkpoint(self.out / "last.pt", state)
+        if is_best:
+            save_checkpoint(self.out / "best.pt", state)
+
+    # -- the loop
+    def run(self) -> list[dict]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.acc.is_main_process:
+            for stale in self.out.glob(".*.tmp"):  # a write killed half-way; the real file is intact
+                stale.unlink(missing_ok=True)
+        if self.acc.is_main_process and not self.opts.resume:
+            atomic_write_text(self.out / "network.ir.json", dumps(self.net))
+        self._load_data()
+        self._build()
+        self.print(f"training {self.net.name} on {self.data.description}: {self.cfg.epochs} epochs, "
+                   f"batch {self.cfg.batch} ({self.acc.num_processes} process(es) × {self.micro_batch}"
+                   f"{f' × {self.opts.grad_accum} accumulation' if self.opts.grad_accum > 1 else ''}), "
+                   f"device {self.acc.device}, mixed precision {self.opts.mixed_precision}")
+        for epoch in range(self.start_epoch, self.cfg.epochs):
+            metrics = self._epoch(epoch)
+            if metrics is None:
+                break
+            self.history.append(asdict(metrics))
+            err = metrics.val_top1_error["main"]
+            is_best = self.best_error is None or err < self.best_error
+            if is_best:
+                self.best_error = err
+            self._save(epoch + 1, is_best)
+            self._log(metrics)
+            if self.opts.max_steps is not None and self.step >= self.opts.max_steps:
+                break
+        if self.acc.is_main_process:
+            self._write_logs()
+        self.acc.end_training()
+        return self.history
+
+    def _epoch(self, epoch: int) -> EpochMetrics | None:
+        cfg, acc = self.cfg, self.acc
+        lr = set_epoch_lr(self.optimizer, cfg, epoch)
+        weights = alphas(self.net, epoch, cfg.epochs)
+        active = tuple(name for name, a in weights.items() if a > 0)
+        idle = [name for name, a in weights.items() if a == 0]
+        loader = self._train_loader(epoch)
+        sums = {k: 0.0 for k in ("main",) + active}
+        batches = images_seen = skipped = 0
+        bar = None
+        if self.opts.progress and acc.is_main_process:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+                       dynamic_ncols=True, leave=False)
+        self.model.train()
+        start = time.perf_counter()
+        for images, labels, n_skipped in loader:
+            skipped += int(n_skipped)
+            images, labels = images.to(acc.device), labels.to(acc.device)
+            with acc.accumulate(self.model):
+                out = self.model(images, branches=active)
+                loss, parts = deep_supervision_loss(self.net, out.logits, out.aux, labels, weights)
+                if idle and acc.num_processes > 1:
+                    loss = loss + 0.0 * sum(p.sum() for name in idle for p in self.branch_params[name])
+                if not torch.isfinite(loss.detach()):
+                    self._non_finite(epoch, parts)
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    self._monitor_gradients()
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            if acc.sync_gradients:
+                self.step += 1
+            for k, v in parts.items():
+                sums[k] += float(v.detach())
+            batches += 1
+            images_seen += images.shape[0] * acc.num_processes
+            if bar is not None:
+                elapsed = time.perf_counter() - start
+                post = {"loss": f"{float(parts['main']):.3f}"}
+                post.update({f"α[{k}]": f"{weights[k]:.3f}" for k in active})
+                post["img/s"] = f"{images_seen / max(elapsed, 1e-9):.0f}"
+                bar.set_postfix(post, refresh=False)
+                bar.update(1)
+            if self.opts.max_steps is not None and self.step >= self.opts.max_steps:
+                break
+        if bar is not None:
+            bar.close()
+        seconds = time.perf_counter() - start
+        train_loss = {k: acc.reduce(torch.tensor(v / max(1, batches), device=acc.device), "mean").item()
+                      for k, v in sums.items()}
+        top1, top5, val_skipped = evaluate(
+            self.model, self._val_loader(), acc.device, self.acc.unwrap_model(self.model).branch_names,
+            ten_crop=self.opts.ten_crop, reduce=lambda t: acc.reduce(t.to(acc.device), "sum").cpu(),
+        )
+        return EpochMetrics(
+            epoch=epoch + 1, lr=lr, alphas=weights, train_loss=train_loss, val_top1_error=top1,
+            val_top5_error=top5, images_per_s=images_seen / max(seconds, 1e-9),
+            skipped=int(acc.reduce(torch.tensor(skipped + val_skipped, device=acc.device), "sum").item()),
+            seconds=seconds,
+        )
+
+    def _monitor_gradients(self) -> None:
+        every = self.opts.grad_monitor
+        if not every or self.step % every:
+            return
+        model = self.acc.unwrap_model(self.model)
+        record = {"step": self.step}
+        for layer in self.net.trunk:
+            for op in layer.ops:
+                if op.kind.value == "conv2d":
+                    g = getattr(model, op.name).weight.grad
+                    if g is not None:
+                        record[layer.name] = float(g.abs().mean())
+        self.grad_log.append(record)
+
+    def _non_finite(self, epoch: int, parts: dict[str, torch.Tensor]) -> None:
+        bad = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
+        kept = self.out / "last.pt"
+        where = f"the last good checkpoint {kept} is kept" if kept.exists() else "no checkpoint was written yet"
+        raise TrainingError(
+            f"non-finite loss at epoch {epoch + 1}, step {self.step + 1} ({bad}); training stopped and {where}; "
+            "lower the learning rate (--lr) or check the data",
+            path=str(self.out),
+        )
+
+    # -- logs
+    def _log(self, m: EpochMetrics) -> None:
+        if not self.acc.is_main_process:
+            return
+        heads = " ".join(f"{h} {m.val_top1_error[h] * 100:.2f}/{m.val_top5_error[h] * 100:.2f}"
+                         for h in m.val_top1_error)
+        alpha = " ".join(f"α[{k}]={v:.3f}" for k, v in m.alphas.items())
+        losses = " ".join(f"{k} {v:.4f}" for k, v in m.train_loss.items())
+        skipped = f" skipped {m.skipped}" if m.skipped else ""
+        print(f"epoch {m.epoch}/{self.cfg.epochs}: lr {m.lr:.4g} {alpha} | train loss {losses} | "
+              f"val top-1/top-5 error % {heads} | {m.images_per_s:.0f} img/s{skipped}", flush=True)
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(asdict(m)) + "\n")
+
+    def _write_logs(self) -> None:
+        rows = [flatten_metrics(m) for m in self.history]
+        if rows:
+            keys = sorted({k for r in rows for k in r}, key=lambda k: (k != "epoch", k))
+            tmp = self.out / ".metrics.csv.tmp"
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=keys)
+                w.writeheader()
+                w.writerows(rows)
+            tmp.replace(self.out / "metrics.csv")
+            from .plots import plot_curves
+
+            plot_curves(self.history, self.out / "curves.png", title=self.net.name)
+        if self.grad_log:
+            atomic_write_text(self.out / "gradients.json", json.dumps(self.grad_log))
+
+
+def flatten_metrics(m: dict) -> dict:
+    row = {}
+    for k, v in m.items():
+        if isinstance(v, dict):
+            for kk, vv in v.items():
+                row[f"{k}/{kk}"] = vv
+        else:
+            row[k] = v
+    return row
+
+
+def network_from_checkpoint(ckpt: dict) -> Network:
+    return loads(ckpt["spec_text"], "<checkpoint>")
+
