@@ -14,6 +14,7 @@ DDP never waits for a gradient that will not come (no ``find_unused_parameters``
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import random
 import time
@@ -89,7 +90,9 @@ class GlobalBatchSampler(torch.utils.data.Sampler[int]):
         self.batches = n // global_batch  # drop the last partial global batch
 
     def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        from .data import mix_seed
+
+        g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
         perm = torch.randperm(self.n, generator=g).tolist()
         for i in range(self.batches):
             start = i * self.global_batch + self.rank * self.local
@@ -275,11 +278,15 @@ class Trainer:
         self.net, self.cfg, self.opts = net, cfg, opts
         self.out = Path(opts.out_dir)
         ddp = DistributedDataParallelKwargs(find_unused_parameters=False)
+        # TensorBoard through Accelerate's trackers when it is installed; JSONL/CSV/PNG always.
+        self.tensorboard = importlib.util.find_spec("tensorboard") is not None
         self.acc = Accelerator(
             cpu=opts.cpu,
             mixed_precision=opts.mixed_precision,
             gradient_accumulation_steps=opts.grad_accum,
             kwargs_handlers=[ddp],
+            log_with="tensorboard" if self.tensorboard else None,
+            project_dir=str(self.out),
         )
         world = self.acc.num_processes
         if cfg.batch % (world * opts.grad_accum):
@@ -314,8 +321,10 @@ class Trainer:
             len(self.data.train), self.micro_batch * self.acc.num_processes, self.cfg.seed, epoch,
             self.acc.process_index, self.acc.num_processes,
         )
-        return make_loader(self.data.train, self.micro_batch, shuffle=False, workers=self.opts.workers,
-                           seed=self.cfg.seed, drop_last=True, sampler=sampler)
+        loader = make_loader(self.data.train, self.micro_batch, shuffle=False, workers=self.opts.workers,
+                             seed=self.cfg.seed, drop_last=True, sampler=sampler)
+        loader.set_epoch(epoch)  # augmentation randomness is a function of (seed, epoch): resumable
+        return loader
 
     def _val_loader(self):
         from .data import make_loader
@@ -399,6 +408,9 @@ class Trainer:
             atomic_write_text(self.out / "network.ir.json", dumps(self.net))
         self._load_data()
         self._build()
+        if self.tensorboard:
+            self.acc.init_trackers("tensorboard", config={k: v for k, v in flatten_metrics(asdict(self.cfg)).items()
+                                                          if isinstance(v, (int, float, str, bool))})
         self.print(f"training {self.net.name} on {self.data.description}: {self.cfg.epochs} epochs, "
                    f"batch {self.cfg.batch} ({self.acc.num_processes} process(es) × {self.micro_batch}"
                    f"{f' × {self.opts.grad_accum} accumulation' if self.opts.grad_accum > 1 else ''}), "
@@ -441,9 +453,16 @@ class Trainer:
         for images, labels, n_skipped in loader:
             skipped += int(n_skipped)
             images, labels = images.to(acc.device), labels.to(acc.device)
+            empty = labels.shape[0] == 0  # every image of this micro-batch was unreadable
+            if empty and acc.num_processes == 1:
+                continue
             with acc.accumulate(self.model):
                 out = self.model(images, branches=active)
-                loss, parts = deep_supervision_loss(self.net, out.logits, out.aux, labels, weights)
+                if empty:  # other processes still step: contribute exact-zero gradients to the all-reduce
+                    loss = 0.0 * sum(p.sum() for p in self.model.parameters())
+                    parts = {"main": loss.detach()}
+                else:
+                    loss, parts = deep_supervision_loss(self.net, out.logits, out.aux, labels, weights)
                 if idle and acc.num_processes > 1:
                     loss = loss + 0.0 * sum(p.sum() for name in idle for p in self.branch_params[name])
                 if not torch.isfinite(loss.detach()):
@@ -521,6 +540,9 @@ class Trainer:
               f"val top-1/top-5 error % {heads} | {m.images_per_s:.0f} img/s{skipped}", flush=True)
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(asdict(m)) + "\n")
+        if self.tensorboard:
+            self.acc.log({k: v for k, v in flatten_metrics(asdict(m)).items() if isinstance(v, (int, float))},
+                         step=m.epoch)
 
     def _write_logs(self) -> None:
         rows = [flatten_metrics(m) for m in self.history]

@@ -1,0 +1,283 @@
+"""Deep-supervision training: the paper's loss and schedule, optimiser groups, sampling, checkpoints,
+init-from, multi-process parity and kill/resume."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cnds_compiler import compile_text
+from cnds_compiler.backends.pytorch import build_module
+from cnds_compiler.errors import CheckpointError
+from cnds_compiler.ir import LossKind
+from cnds_compiler.train.checkpoint import load_checkpoint, save_checkpoint
+from cnds_compiler.train.loss import alphas, deep_supervision_loss, squared_hinge
+from cnds_compiler.train.trainer import GlobalBatchSampler, init_from, param_groups, topk_errors
+
+from .conftest import SPECS
+
+TINY = """
+network tiny
+input 1x8x8
+classes 10
+init kaiming(bias=0)
+c1: conv2d(8, 3, pad=1) relu
+c2: conv2d(8, 3, pad=1) relu
+p: maxpool(2)
+fc: linear(classes)
+supervise c1 loss hinge weight 0.3 decay linear { g: gap; l: linear(classes) }
+supervise c2 weight [0.5, 0.0, 0.2] { g: gap; l: linear(classes) }
+train { epochs 4  bias_lr_mult 2  weight_decay 0.001 }
+"""
+
+# digits CNDS-8 without dropout, so that runs differing only in process layout are comparable
+NO_DROPOUT = 'extends "{base}"\nnetwork digits_nodrop\nblock fc(n) = linear(n) relu\n'
+
+
+def tiny():
+    return compile_text(TINY, "tiny.cnds")
+
+
+def test_alpha_follows_eq2_and_alternatives():
+    net = compile_text(TINY.replace("decay linear", "decay linear"), "t.cnds")
+    n = 4
+    for t in range(n):
+        a = alphas(net, t, n)
+        assert a["c1"] == pytest.approx(0.3 * (1 - t / n))  # eq. 2
+    assert [alphas(net, t, n)["c2"] for t in range(5)] == [0.5, 0.0, 0.2, 0.2, 0.2]  # list, last holds
+    const = compile_text(TINY.replace("decay linear", "decay none"), "t.cnds")
+    assert {alphas(const, t, n)["c1"] for t in range(n)} == {0.3}
+
+
+def test_squared_hinge_matches_definition():
+    torch.manual_seed(0)
+    s = torch.randn(5, 4)
+    y = torch.tensor([0, 3, 1, 1, 2])
+    expected = 0.0
+    for i in range(5):
+        for k in range(4):
+            sign = 1.0 if k == y[i] else -1.0
+            expected += max(0.0, 1 - sign * float(s[i, k])) ** 2
+    assert float(squared_hinge(s, y)) == pytest.approx(expected / 5, rel=1e-6)
+
+
+def test_total_loss_is_eq1_with_both_loss_kinds():
+    net = tiny()
+    torch.manual_seed(0)
+    logits, a1, a2 = torch.randn(6, 10), torch.randn(6, 10), torch.randn(6, 10)
+    y = torch.randint(0, 10, (6,))
+    w = {"c1": 0.25, "c2": 0.5}
+    total, parts = deep_supervision_loss(net, logits, {"c1": a1, "c2": a2}, y, w)
+    expected = F.cross_entropy(logits, y) + 0.25 * squared_hinge(a1, y) + 0.5 * F.cross_entropy(a2, y)
+    assert float(total) == pytest.approx(float(expected), rel=1e-6)
+    assert net.branch("c1").loss is LossKind.HINGE and set(parts) == {"main", "c1", "c2"}
+    total2, parts2 = deep_supervision_loss(net, logits, {"c1": a1}, y, w)  # c2 not computed
+    assert set(parts2) == {"main", "c1"}
+    assert float(total2) == pytest.approx(float(F.cross_entropy(logits, y) + 0.25 * squared_hinge(a1, y)), rel=1e-6)
+
+
+def test_bias_lr_mult_and_decay_on_weights_only():
+    net = tiny()
+    model = build_module(net, seed=0)
+    groups = param_groups(model, net.train)
+    by_mult = {g["lr_mult"]: g for g in groups}
+    assert by_mult[2.0]["weight_decay"] == 0.0 and by_mult[2.0]["lr"] == pytest.approx(2 * net.train.lr)
+    assert all(p.ndim == 1 for p in by_mult[2.0]["params"])
+    assert by_mult[1.0]["weight_decay"] == pytest.approx(0.001)
+    n_params = sum(len(g["params"]) for g in groups)
+    assert n_params == len(list(model.parameters()))
+
+
+def test_global_batch_sampler_splits_each_global_batch_across_ranks():
+    one = list(GlobalBatchSampler(100, 16, seed=3, epoch=2))
+    r0 = list(GlobalBatchSampler(100, 16, seed=3, epoch=2, rank=0, world=2))
+    r1 = list(GlobalBatchSampler(100, 16, seed=3, epoch=2, rank=1, world=2))
+    assert len(one) == 96 and len(r0) == len(r1) == 48
+    for i in range(6):
+        assert sorted(one[16 * i : 16 * i + 16]) == sorted(r0[8 * i : 8 * i + 8] + r1[8 * i : 8 * i + 8])
+    assert one == list(GlobalBatchSampler(100, 16, seed=3, epoch=2))  # a resumed epoch replays its order
+    assert one != list(GlobalBatchSampler(100, 16, seed=3, epoch=3))
+
+
+def test_topk_errors():
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.05, 0.15], [0.2, 0.3, 0.5]])
+    labels = torch.tensor([1, 2, 0])
+    assert topk_errors(logits, labels, ks=(1, 2)) == [2, 1]
+
+
+def test_init_from_copies_matching_names_and_shapes(tmp_path):
+    cnds8 = compile_text((SPECS / "digits_cnds8.cnds").read_text(), "digits_cnds8.cnds", base_dir=SPECS)
+    wide = compile_text(
+        'extends "digits_cnds8.cnds"\nnetwork wider\nfc6: linear(256) relu dropout(0.3)\nunsupervise conv3_2\n',
+        "wider.cnds", base_dir=SPECS,
+    )
+    src = build_module(cnds8, seed=1)
+    save_checkpoint(tmp_path / "src.pt", {"model": src.state_dict(), "ir_hash": cnds8.digest()})
+    dst = build_module(wide, seed=2)
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    report = init_from(dst, tmp_path / "src.pt")
+    assert "conv1.weight" in report.copied and torch.equal(dst.conv1.weight, src.conv1.weight)
+    assert "fc6.weight" in report.shape_mismatch and torch.equal(dst.fc6.weight, before["fc6.weight"])
+    assert "fc7.weight" in report.shape_mismatch  # fc7's input width changed with fc6
+    assert not any(k.startswith("aux.") for k in report.copied)
+    assert "copied" in report.format("src.pt")
+
+
+def test_checkpoint_from_another_spec_is_refused(tmp_path):
+    net = tiny()
+    other = compile_text(TINY.replace("c2: conv2d(8,", "c2: conv2d(16,"), "other.cnds")
+    save_checkpoint(tmp_path / "a.pt", {"model": build_module(net).state_dict(), "ir_hash": net.digest(),
+                                        "spec_name": "tiny"})
+    with pytest.raises(CheckpointError, match="made from 'tiny'"):
+        load_checkpoint(tmp_path / "a.pt", other)
+    (tmp_path / "bad.pt").write_bytes(b"\x00garbage")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        load_checkpoint(tmp_path / "bad.pt")
+
+
+# ---- end-to-end runs (subprocesses) --------------------------------------------------------------
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def _train(args, **kw):
+    return subprocess.run([sys.executable, "-m", "cnds_compiler.train.cli", *args], capture_output=True,
+                          text=True, env=_env(), timeout=600, **kw)
+
+
+def _nodrop_spec(tmp_path: Path) -> Path:
+    spec = tmp_path / "digits_nodrop.cnds"
+    spec.write_text(NO_DROPOUT.format(base=SPECS / "digits_cnds8.cnds"))
+    return spec
+
+
+def test_train_digits_end_to_end_with_branch_metrics(tmp_path):
+    out = tmp_path / "run"
+    r = _train([str(SPECS / "digits_cnds8.cnds"), "--data", "digits", "--out", str(out), "--epochs", "2",
+                "--no-progress", "--cpu"])
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in rows] == [1, 2]
+    assert set(rows[0]["val_top1_error"]) == {"main", "conv3_2"}  # every head is evaluated
+    assert rows[0]["alphas"]["conv3_2"] == pytest.approx(0.3) and rows[1]["alphas"]["conv3_2"] == pytest.approx(0.15)
+    assert all(0 <= m["val_top1_error"]["main"] <= 1 for m in rows)
+    for f in ("last.pt", "best.pt", "metrics.csv", "curves.png", "network.ir.json"):
+        assert (out / f).exists(), f
+    assert list(out.rglob("events.out.tfevents.*")), "TensorBoard logs (tensorboard is a dev dependency)"
+    ck = load_checkpoint(out / "last.pt")
+    assert ck["epoch"] == 2 and ck["spec_name"] == "digits_cnds8"
+    again = _train([str(SPECS / "digits_cnds8.cnds"), "--out", str(out), "--no-progress", "--cpu"])
+    assert again.returncode == 1 and "already holds a run" in again.stderr and "Traceback" not in again.stderr
+    ev = subprocess.run([sys.executable, "-c", "from cnds_compiler.train.cli import eval_main; "
+                         f"raise SystemExit(eval_main(['{SPECS / 'digits_cnds8.cnds'}', '{out / 'best.pt'}', '--cpu']))"],
+                        capture_output=True, text=True, env=_env())
+    assert ev.returncode == 0 and "conv3_2" in ev.stdout and "top-1" in ev.stdout
+
+
+def test_nonfinite_loss_stops_with_message_and_keeps_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    spec = _nodrop_spec(tmp_path)
+    ok = _train([str(spec), "--out", str(out), "--epochs", "1", "--no-progress", "--cpu", "--limit-train", "256"])
+    assert ok.returncode == 0, ok.stderr
+    saved = (out / "last.pt").read_bytes()
+    r = _train([str(spec), "--out", str(out), "--resume", "--epochs", "3", "--lr", "1e30", "--no-progress",
+                "--cpu", "--limit-train", "256"])
+    assert r.returncode == 1 and "non-finite loss" in r.stderr and "Traceback" not in r.stderr
+    assert (out / "last.pt").read_bytes() == saved
+
+
+def _final_weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["model"]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path):
+    spec = _nodrop_spec(tmp_path)
+    common = ["--epochs", "2", "--batch-size", "32", "--no-progress", "--cpu", "--limit-train", "512"]
+    one = _train([str(spec), "--out", str(tmp_path / "one"), *common])
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+         "-m", "cnds_compiler.train.cli", str(spec), "--out", str(tmp_path / "two"), *common],
+        capture_output=True, text=True, env=_env(), timeout=600,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 process(es)" in two.stdout
+    a, b = _final_weights(tmp_path / "one" / "last.pt"), _final_weights(tmp_path / "two" / "last.pt")
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst < 1e-4, f"2-process run drifted from 1-process run by {worst}"
+    moved = max(float((a[k] - build_module(compile_text(spec.read_text(), str(spec))).state_dict()[k]).abs().max())
+                for k in a if k.endswith("weight"))
+    assert moved > 1e-3  # training really changed the weights
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_gives_identical_weights(tmp_path):
+    spec = _nodrop_spec(tmp_path)
+    common = ["--epochs", "4", "--batch-size", "16", "--no-progress", "--cpu", "--limit-train", "800"]
+    ref = _train([str(spec), "--out", str(tmp_path / "ref"), *common])
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "cnds_compiler.train.cli", str(spec), "--out", str(out), *common],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
+    log = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 2):
+        time.sleep(0.02)
+    time.sleep(0.15)  # well into epoch 3
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert load_checkpoint(out / "last.pt")["epoch"] in (2, 3)  # never half-written
+    resumed = _train([str(spec), "--out", str(out), "--resume", *common])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed" in resumed.stdout
+    a, b = _final_weights(tmp_path / "ref" / "last.pt"), _final_weights(out / "last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed run differs from the uninterrupted run"
+    assert not list(out.glob(".*.tmp"))
+    assert math.isclose(load_checkpoint(out / "last.pt")["epoch"], 4)
+
+
+IMAGE_SPEC = """
+network tiny_rgb
+input 3x32x32
+classes 3
+init kaiming(bias=0)
+c1: conv2d(8, 3, pad=1) relu
+p1: maxpool(2)
+c2: conv2d(8, 3, pad=1) relu
+g: gap
+fc: linear(classes)
+supervise c1 { g: gap; l: linear(classes) }
+data { resize 40  mirror true }
+train { epochs 1  batch 8  lr 0.01 }
+"""
+
+
+def test_imagefolder_run_skips_and_counts_corrupt_images_or_stops_under_strict(tmp_path):
+    from cnds_compiler.train.synthetic import make_imagefolder
+
+    root = make_imagefolder(tmp_path / "imgs", classes=3, per_class=12, size=(48, 48), corrupt=4)
+    spec = tmp_path / "tiny_rgb.cnds"
+    spec.write_text(IMAGE_SPEC)
+    ok = _train([str(spec), "--data", f"imagefolder:{root}", "--out", str(tmp_path / "run"), "--no-progress",
+                 "--cpu", "--workers", "2"])
+    assert ok.returncode == 0, ok.stderr
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["skipped"] >= 1 and "skipped" in ok.stdout
+    strict = _train([str(spec), "--data", f"imagefolder:{root}", "--out", str(tmp_path / "strict"), "--no-progress",
+                     "--cpu", "--strict"])
+    assert strict.returncode == 1 and "Traceback" not in strict.stderr
+    assert "corrupt_" in strict.stderr and "data error" in strict.stderr
