@@ -18,7 +18,8 @@ _COLORS = {OpKind.CONV2D: "#9ecae1", OpKind.LINEAR: "#a1d99b", OpKind.MAXPOOL: "
 def _node(node_id: str, layer: Layer) -> str:
     primary = next((op for op in layer.ops if op.kind.has_params), layer.ops[0])
     color = _COLORS.get(primary.kind, "#eeeeee")
-    label = f"{layer.name}\\n{describe_layer(layer)}\\n{layer.out_shape}"
+    shape = layer.out_shape if layer.out_shape is not None else "?"  # a partial pipeline leaves shapes unknown
+    label = f"{layer.name}\\n{describe_layer(layer)}\\n{shape}"
     return f'  {node_id} [label="{label}", fillcolor="{color}"];'
 
 

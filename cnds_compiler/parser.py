@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lark import Lark, Token, Transformer, UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, v_args
+from lark import Lark, Token, Transformer, Tree, UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, v_args
 from lark.exceptions import UnexpectedToken
 
 from . import ast
@@ -50,10 +50,16 @@ class _ToAst(Transformer):
         return _span(self.src, meta)
 
     # expressions
+    def _int(self, digits: str, span: Span) -> int:
+        try:
+            return int(digits)
+        except ValueError:  # more digits than Python converts (sys.get_int_max_str_digits)
+            raise _RangeError(span, f"number too large ({len(digits)} digits)") from None
+
     def number(self, meta, tok):
         text = str(tok)
         is_int = text.isdigit()
-        return ast.Number(int(text) if is_int else float(text), self._s(tok))
+        return ast.Number(self._int(text, self._s(tok)) if is_int else float(text), self._s(tok))
 
     def ref(self, meta, tok):
         return ast.Ref(str(tok), self._s(tok))
@@ -94,7 +100,7 @@ class _ToAst(Transformer):
         return ast.ExtendsDecl(str(path)[1:-1], self._s(meta))
 
     def input(self, meta, shape):
-        c, h, w = (int(d) for d in str(shape).split("x"))
+        c, h, w = (self._int(d, self._s(shape)) for d in str(shape).split("x"))
         return ast.InputDecl((c, h, w), self._s(meta))
 
     def classes(self, meta, value):
@@ -117,9 +123,11 @@ class _ToAst(Transformer):
     def rep_item(self, meta, first, last):
         if last is None:
             return (str(first),)
-        lo, hi = int(first), int(last)
+        lo, hi = self._int(first, self._s(first)), self._int(last, self._s(last))
         if hi < lo:
             raise _RangeError(self._s(meta), f"empty repetition range {lo}..{hi}")
+        if hi - lo >= MAX_REPEAT:
+            raise _RangeError(self._s(meta), f"repetition range {lo}..{hi} makes more than {MAX_REPEAT} layers")
         return tuple(str(i) for i in range(lo, hi + 1))
 
     def label(self, meta, name, *reps):
@@ -150,8 +158,37 @@ class _ToAst(Transformer):
 
 
 class _RangeError(Exception):
+    """A value the grammar accepts but the AST cannot hold; carried out of the Transformer as a syntax error."""
+
     def __init__(self, span: Span, message: str) -> None:
         self.span, self.message = span, message
+
+
+MAX_REPEAT = 1000
+"""Most layers one ``name_{a..b}`` label may stand for."""
+
+MAX_NESTING = 200
+"""Deepest expression nesting accepted (the Transformer and the evaluator recurse over it)."""
+
+
+_NESTING_RULES = frozenset({"add", "sub", "mul", "div", "neg", "list"})
+
+
+def _check_nesting(source: Source, tree: Tree) -> None:
+    """Reject expressions nested deeper than :data:`MAX_NESTING` before anything recurses over them."""
+    for statement in tree.children:
+        if not isinstance(statement, Tree):
+            continue
+        stack: list[tuple[Tree, int, Tree | None]] = [(statement, 1, None)]
+        while stack:
+            node, depth, outermost = stack.pop()
+            if outermost is None and node.data in _NESTING_RULES:
+                outermost = node  # the whole expression is what the error points at
+            if depth > MAX_NESTING:
+                raise SpecSyntaxError(
+                    f"expression nested more than {MAX_NESTING} levels deep", _span(source, (outermost or statement).meta)
+                )
+            stack.extend((child, depth + 1, outermost) for child in node.children if isinstance(child, Tree))
 
 
 def parse_text(text: str, name: str = "<spec>") -> ast.SpecFile:
@@ -161,6 +198,7 @@ def parse_text(text: str, name: str = "<spec>") -> ast.SpecFile:
         tree = _PARSER.parse(source.text)
     except UnexpectedInput as e:
         raise _syntax_error(source, e) from None
+    _check_nesting(source, tree)
     try:
         statements = _ToAst(source).transform(tree)
     except Exception as e:  # lark wraps callback errors in VisitError
@@ -188,7 +226,7 @@ def _describe(token: Token) -> str:
         return "end of file"
     if token.type == "_NL":
         return "end of line"
-    return f"'{token}'"
+    return repr(str(token))  # quoted; a NUL or '\r' inside a string token stays escaped on one line
 
 
 _TERMINAL_WORDS = {
@@ -226,7 +264,7 @@ def _syntax_error(source: Source, e: UnexpectedInput) -> CndsError:
     except Exception:  # match_examples re-parses examples; never let that mask the real error
         label = None
     if isinstance(e, UnexpectedCharacters):
-        message = f"unexpected character '{source.text[pos]}'"
+        message = f"unexpected character {source.text[pos]!r}"  # repr keeps \r, \0 on one line
     elif isinstance(e, UnexpectedEOF):
         message = "unexpected end of file"
     else:

@@ -66,7 +66,8 @@ class Span:
         line_end = text.find("\n", self.start)
         if line_end == -1:
             line_end = len(text)
-        line = text[line_start:line_end].replace("\t", " ")
+        # one cell per character: tabs, '\r', NUL and other unprintables show as spaces, carets stay aligned
+        line = "".join(ch if ch.isprintable() else " " for ch in text[line_start:line_end])
         width = max(1, min(self.end, line_end) - self.start)
         lineno = text.count("\n", 0, self.start) + 1
         gutter = f"{lineno:>4} | "

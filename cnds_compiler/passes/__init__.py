@@ -3,8 +3,10 @@
 Order (``DEFAULT_PIPELINE``) and why:
 
 1. ``verify``            unique names, taps that exist: everything later may look names up.
-2. ``infer-shapes``      every op's input/output shape; needs resolved names.
-3. ``check-supervision`` taps on convolutional layers, branch outputs = classes; needs shapes.
+2. ``check-supervision`` taps on convolutional layers at or before the last conv; needs only layer
+                         order, and runs before shapes so a misplaced branch is reported as such
+                         rather than as a shape error inside the branch.
+3. ``infer-shapes``      every op's input/output shape; branch and trunk outputs = classes.
 4. ``count-costs``       parameters and FLOPs per op; needs shapes.
 
 Each pass is a small frozen dataclass with a ``name`` and ``apply(net) -> net``; passes never mutate
@@ -23,6 +25,8 @@ from ..ir import Network
 
 class Pass(Protocol):
     name: str
+    requires: tuple[str, ...]
+    """Passes that must run earlier in the same pipeline."""
 
     def apply(self, net: Network) -> Network: ...
 
@@ -50,10 +54,10 @@ def get_all_passes() -> dict[str, Callable[[], type]]:
 
         return CountCosts
 
-    return {"verify": _verify, "infer-shapes": _shapes, "check-supervision": _supervision, "count-costs": _costs}
+    return {"verify": _verify, "check-supervision": _supervision, "infer-shapes": _shapes, "count-costs": _costs}
 
 
-DEFAULT_PIPELINE: tuple[str, ...] = ("verify", "infer-shapes", "check-supervision", "count-costs")
+DEFAULT_PIPELINE: tuple[str, ...] = ("verify", "check-supervision", "infer-shapes", "count-costs")
 
 PassCallback = Callable[[Pass, Network, Network, float], None]
 """Called after every pass with (pass, IR before, IR after, seconds)."""
@@ -71,7 +75,11 @@ class PassPipeline:
         for name in names:
             if name not in registry:
                 raise ValueError(f"unknown pass '{name}' (passes: {', '.join(registry)})")
-            passes.append(registry[name]()())
+            p = registry[name]()()
+            missing = [r for r in p.requires if r not in {q.name for q in passes}]
+            if missing:
+                raise ValueError(f"pass '{name}' needs {', '.join(repr(m) for m in missing)} to run before it")
+            passes.append(p)
         return cls(tuple(passes), callback)
 
     def apply(self, net: Network) -> Network:

@@ -45,6 +45,7 @@ class CountCosts:
     """Fill ``params`` and ``flops`` of every op; needs ``infer-shapes`` first."""
 
     name: ClassVar[str] = "count-costs"
+    requires: ClassVar[tuple[str, ...]] = ("infer-shapes",)  # costs are computed from shapes
 
     def apply(self, net: Network) -> Network:
         return replace(

@@ -8,6 +8,7 @@ so a derived spec that redefines a block changes every base layer that uses it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,11 @@ from ..parser import parse_file
 from ..source import Span
 
 MAX_BLOCK_DEPTH = 32
+MAX_LAYER_OPS = 1000
+"""Most ops one layer may expand to."""
+MAX_INPUT_CHANNELS = 4096
+"""Most input channels (``data { mean ... }`` is expanded to one value per channel)."""
+MAX_INPUT_SIZE = 65536
 
 # ---- values --------------------------------------------------------------------------------------
 
@@ -93,7 +99,10 @@ def evaluate(expr: ast.Expr, env: dict[str, Any]) -> Any:
             return left * right
         if right == 0:
             raise ArgumentError("division by zero", expr.span)
-        result = left / right
+        try:
+            result = left / right
+        except OverflowError:  # int / int beyond the float range
+            raise ArgumentError("number too large", expr.span) from None
         return int(result) if float(result).is_integer() and isinstance(left, int) else result
     raise TypeError(f"unknown expression {expr!r}")
 
@@ -119,19 +128,32 @@ def _describe(value: Any) -> str:
 # ---- argument checking ------------------------------------------------------------------------------
 
 
-def as_int(value: Any, span: Span, what: str, minimum: int = 1) -> int:
+MAX_INT = 2**31 - 1
+"""Largest integer a spec may give (sizes, counts, epochs, seed); beyond it no backend can follow."""
+
+
+def as_int(value: Any, span: Span, what: str, minimum: int = 1, maximum: int = MAX_INT) -> int:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ArgumentError(f"{what} must be an integer, got {_describe(value)}", span)
     if value < minimum:
         raise ArgumentError(f"{what} must be >= {minimum}, got {value}", span)
+    if value > maximum:
+        shown = value if value.bit_length() <= 64 else f"a {len(str(value))}-digit number"
+        raise ArgumentError(f"{what} must be <= {maximum}, got {shown}", span)
     return value
 
 
 def as_float(value: Any, span: Span, what: str, lo: float | None = None, hi: float | None = None) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ArgumentError(f"{what} must be a number, got {_describe(value)}", span)
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond the float range
+        raise ArgumentError(f"{what} is too large", span) from None
+    if not math.isfinite(value):
+        raise ArgumentError(f"{what} must be a finite number, got {value}", span)
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         bounds = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
         raise ArgumentError(f"{what} must be in {bounds}, got {value}", span)
@@ -185,7 +207,8 @@ class Signature:
                     raise ArgumentError("positional argument after a keyword argument", span)
                 if len(bound) >= len(names):
                     raise ArgumentError(
-                        f"{op} takes at most {len(names)} arguments ({', '.join(names)})", span
+                        f"{op} takes no arguments" if not names
+                        else f"{op} takes at most {len(names)} arguments ({', '.join(names)})", span
                     )
                 key = names[len(bound)]
             else:
@@ -488,7 +511,7 @@ def _load(path: Path, stack: tuple[Path, ...], span: Span | None, merged: _Merge
         except SpecIncludeError as e:
             if span is None:
                 raise
-            raise SpecIncludeError(f"cannot extend '{path}': {e.message}", span) from None
+            raise SpecIncludeError(f"cannot extend {str(path)!r}: {e.message}", span) from None
     text_source = None
     extends = [st for st in spec.statements if isinstance(st, ast.ExtendsDecl)]
     if len(extends) > 1:
@@ -497,9 +520,12 @@ def _load(path: Path, stack: tuple[Path, ...], span: Span | None, merged: _Merge
         if isinstance(st, (ast.LayerDef, ast.BlockDef, ast.Supervise)) and extends and st.span.start < extends[0].span.start:
             raise SpecIncludeError("'extends' must come before blocks, layers and supervise statements", extends[0].span)
     if extends:
-        target = (path.parent / extends[0].path).resolve()
+        try:
+            target = (path.parent / extends[0].path).resolve()
+        except (OSError, ValueError, RuntimeError) as e:  # a NUL byte in the path, a symlink loop
+            raise SpecIncludeError(f"cannot extend {extends[0].path!r}: {e}", extends[0].span) from None
         if target in stack:
-            raise SpecIncludeError(f"'{extends[0].path}' extends itself (cycle through {target.name})", extends[0].span)
+            raise SpecIncludeError(f"{extends[0].path!r} extends itself (cycle through {target.name})", extends[0].span)
         _load(target, stack + (target,), extends[0].span, merged)
     text_source = spec.statements[0].span.source if spec.statements else None
     if text_source is not None:
@@ -520,6 +546,8 @@ class _Expander:
         ops: list[tuple[OpKind, Any, Span]] = []
         for call in definition.ops:
             ops.extend(self.call(call, self.env, call.span, ()))
+            if len(ops) > MAX_LAYER_OPS:
+                raise ArgumentError(f"layer '{name}' has more than {MAX_LAYER_OPS} ops", call.span)
         return Layer(name, self._name_ops(name, ops), definition.span)
 
     def call(self, call: ast.Call, env: dict, use_span: Span, stack: tuple[str, ...]):
@@ -541,11 +569,14 @@ class _Expander:
                 f"unknown op or block '{call.name}'", call.name_span, hint=did_you_mean(call.name, known)
             )
         if call.name in stack or len(stack) > MAX_BLOCK_DEPTH:
-            raise ArgumentError(f"block '{call.name}' uses itself", call.span)
+            what = "uses itself" if call.name in stack else f"nests blocks deeper than {MAX_BLOCK_DEPTH} levels"
+            raise ArgumentError(f"block '{call.name}' {what}", call.span)
         inner = self._bind_block(block, call, args, env)
         result = []
         for body_call in block.body:
             result.extend(self.call(body_call, inner, use_span, stack + (call.name,)))
+            if len(result) > MAX_LAYER_OPS:  # checked as it grows: `block a = b b` nested 30 deep is 2**30 ops
+                raise ArgumentError(f"block '{call.name}' expands to more than {MAX_LAYER_OPS} ops", call.span)
         return result
 
     def _bind_block(self, block: ast.BlockDef, call: ast.Call, args, env) -> dict:
@@ -622,6 +653,13 @@ def expand(spec: ast.SpecFile, path: str | Path | None = None) -> Network:
     if merged.classes is None:
         raise CndsError("the spec has no `classes N` line", merged.network.span, hint="e.g. `classes 1000`")
 
+    c, h, w = merged.input.dims
+    if min(c, h, w) < 1 or c > MAX_INPUT_CHANNELS or max(h, w) > MAX_INPUT_SIZE:
+        raise ArgumentError(
+            f"input {c}x{h}x{w} is out of range (channels 1..{MAX_INPUT_CHANNELS}, height and width "
+            f"1..{MAX_INPUT_SIZE})",
+            merged.input.span,
+        )
     num_classes, class_names = _classes(merged.classes)
     env: dict[str, Any] = {"classes": num_classes, "__channels__": merged.input.dims[0]}
     defaults = _Defaults(init=_init(merged.init), ceil=_pooling(merged.pooling))
@@ -651,8 +689,9 @@ def expand(spec: ast.SpecFile, path: str | Path | None = None) -> Network:
 def _classes(decl: ast.ClassesDecl) -> tuple[int, tuple[str, ...]]:
     value = evaluate(decl.value, {})
     if isinstance(value, list):
-        if not value or not all(isinstance(v, str) for v in value):
-            raise ArgumentError("classes takes a count or a list of quoted class names", decl.value.span)
+        if len(value) < 2 or not all(isinstance(v, str) for v in value):
+            raise ArgumentError("classes takes a count (>= 2) or a list of at least two quoted class names",
+                                decl.value.span)
         if len(set(value)) != len(value):
             raise DuplicateNameError("class names must be unique", decl.value.span)
         return len(value), tuple(value)

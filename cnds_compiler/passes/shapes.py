@@ -88,6 +88,7 @@ class InferShapes:
     """Fill ``in_shape``/``out_shape`` of every op; the trunk and each branch must end in ``classes`` logits."""
 
     name: ClassVar[str] = "infer-shapes"
+    requires: ClassVar[tuple[str, ...]] = ("verify",)  # taps name trunk layers
 
     def apply(self, net: Network) -> Network:
         trunk, y = infer_layers(net.trunk, net.input)

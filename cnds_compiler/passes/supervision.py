@@ -14,6 +14,7 @@ class CheckSupervision:
     """A branch taps a CxHxW map no later than the last conv layer (the paper's branches sit after conv 4)."""
 
     name: ClassVar[str] = "check-supervision"
+    requires: ClassVar[tuple[str, ...]] = ("verify",)  # taps name trunk layers
 
     def apply(self, net: Network) -> Network:
         conv_positions = [i for i, layer in enumerate(net.trunk) if layer.is_conv]

@@ -28,6 +28,7 @@ class Verify:
     """Names are unique per module scope and every supervision tap names a trunk layer."""
 
     name: ClassVar[str] = "verify"
+    requires: ClassVar[tuple[str, ...]] = ()
 
     def apply(self, net: Network) -> Network:
         _check_unique(net.trunk, "the trunk")
