@@ -1,4 +1,7 @@
+import os
 from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see cnds_compiler/train/cli.py
 
 import pytest
 
