@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from .errors import CndsError
+from .lowering.deploy import PRECISIONS
 
 
 class CompileCLI:
@@ -22,12 +23,13 @@ class CompileCLI:
     def _make_parser() -> argparse.ArgumentParser:
         p = argparse.ArgumentParser(
             prog="cnds-compile",
-            description="Check a .cnds spec (or an IR .json), print a per-layer summary, and emit IR JSON "
-            "or a Graphviz diagram. Checking never imports torch.",
+            description="Check a .cnds spec (or an IR .json), print a per-layer summary, and emit IR JSON, "
+            "a Graphviz diagram, or a checked ONNX model of the trunk without its supervision branches. "
+            "Checking never imports torch.",
         )
         p.add_argument("spec", help="a .cnds spec file, or an IR .json written by --emit ir")
-        p.add_argument("--emit", choices=("summary", "ir", "dot"), default="summary",
-                       help="what to produce (default: summary table on stdout)")
+        p.add_argument("--emit", choices=("summary", "ir", "dot", "onnx"), default="summary",
+                       help="what to produce (default: summary table on stdout); onnx needs -o")
         p.add_argument("-o", "--output", help="output file (default: stdout); for dot, a .svg/.png/.pdf "
                        "name renders it with Graphviz")
         p.add_argument("-q", "--quiet", action="store_true", help="print nothing when the spec is fine")
@@ -35,13 +37,57 @@ class CompileCLI:
         p.add_argument("--print-between-passes", action="store_true", help="print the IR JSON after every pass")
         p.add_argument("--time-passes", action="store_true", help="print each pass's time to stderr")
         p.add_argument("--traceback", action="store_true", help="show Python tracebacks on errors")
+        onnx = p.add_argument_group("ONNX export (--emit onnx)")
+        onnx.add_argument("--weights", metavar="CKPT", help="checkpoint from cnds-train (or a bare state dict); "
+                          "default: the spec's initialisation with --seed (an untrained model)")
+        onnx.add_argument("--features", metavar="LAYERS", help="comma-separated trunk layers to output, e.g. "
+                          "fc7,pool5; add 'logits' to keep the classifier (default: logits only); layers above "
+                          "the deepest one are pruned")
+        onnx.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                          help="fp32 (default), fp16, or int8 (static quantisation; needs --calibration-data)")
+        onnx.add_argument("--calibration-data", metavar="SOURCE",
+                          help="data source whose training split calibrates int8 ranges")
+        onnx.add_argument("--calibration-size", type=int, default=512, metavar="N",
+                          help="calibration images (default 512)")
+        onnx.add_argument("--val-data", metavar="SOURCE", help="data source whose validation split measures the "
+                          "accuracy change of fp16/int8 (int8 default: the calibration source)")
+        onnx.add_argument("--val-size", type=int, default=10_000, metavar="N",
+                          help="at most this many validation images (default 10000)")
+        onnx.add_argument("--seed", type=int, default=0, help="initialisation seed without --weights (default 0)")
+        onnx.add_argument("--opset", type=int, default=17, choices=range(17, 21), metavar="{17..20}",
+                          help="ai.onnx opset (default 17)")
         return p
+
+    def _check_flags(self) -> None:
+        """Usage errors (exit code 2) for flag combinations that cannot work."""
+        a, p = self.args, self.parser
+        onnx_only = {"--weights": a.weights, "--features": a.features, "--calibration-data": a.calibration_data,
+                     "--val-data": a.val_data, "--precision": a.precision != "fp32" or None}
+        if a.emit != "onnx":
+            given = [flag for flag, value in onnx_only.items() if value]
+            if given:
+                p.error(f"{', '.join(given)} only apply to --emit onnx")
+            return
+        if not a.output:
+            p.error("--emit onnx needs -o FILE.onnx")
+        if a.precision == "int8" and not a.calibration_data:
+            p.error("--precision int8 needs --calibration-data SOURCE")
+        if a.calibration_data and a.precision != "int8":
+            p.error("--calibration-data only applies to --precision int8")
+        if a.val_data and a.precision == "fp32":
+            p.error("--val-data measures the accuracy change of --precision fp16/int8 against fp32")
+        if a.calibration_size < 1 or a.val_size < 1:
+            p.error("--calibration-size and --val-size must be >= 1")
 
     def run(self) -> int:
         a = self.args
+        self._check_flags()
         try:
             net = self._load()
-            self._emit(net)
+            if a.emit == "onnx":
+                self._export(net)
+            else:
+                self._emit(net)
         except CndsError as e:
             if a.traceback:
                 raise
@@ -74,6 +120,22 @@ class CompileCLI:
             return compile_spec(a.spec, passes=names, callback=callback)
         except ValueError as e:  # unknown pass name in -p
             self.parser.error(str(e))
+
+    def _export(self, net) -> None:
+        from .errors import UnsupportedError
+        from .lowering import parse_features
+        from .lowering.onnx_export import export_onnx
+
+        a = self.args
+        if not net.shapes_known:
+            raise UnsupportedError("--emit onnx needs the checked IR: run all passes (drop -p)", path=a.spec)
+        report = export_onnx(
+            net, a.output, weights=a.weights, features=parse_features(a.features), precision=a.precision,
+            calibration=a.calibration_data, validation=a.val_data, calibration_size=a.calibration_size,
+            validation_size=a.val_size, seed=a.seed, opset=a.opset,
+        )
+        if not a.quiet:
+            print("\n".join(report.lines()))
 
     def _emit(self, net) -> None:
         from .diagram import render, to_dot

@@ -125,6 +125,12 @@ class UnsupportedError(CndsError):
     kind = "unsupported"
 
 
+class ExportError(CndsError):
+    """An export failed its own checks (ONNX checker, branch residue, onnxruntime vs torch parity)."""
+
+    kind = "export error"
+
+
 class CheckpointError(CndsError):
     """A checkpoint is missing, corrupt, or belongs to another spec."""
 

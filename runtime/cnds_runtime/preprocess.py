@@ -1,0 +1,140 @@
+"""Images → model input, exactly as the training evaluation transform prepares them.
+
+The steps are those of ``cnds_compiler.train.data`` for image files, which equal torchvision's
+``Resize((RH, RW))`` (PIL bilinear) → ``CenterCrop((H, W))`` → ``ToTensor()`` → ``Normalize(mean, std)``:
+the image is converted to grey ("L") for 1-channel models or RGB for 3-channel ones, resized to the
+metadata's ``resize`` (a cnds export always has one: the spec's ``data.resize``, else the input size),
+centre-cropped to the input size, scaled to [0, 1] and normalised. Only Pillow and numpy are used.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import ImageError
+from .metadata import ModelMetadata
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
+
+ImageLike = str | os.PathLike | Image.Image | np.ndarray
+"""A path, a PIL image, or an array: ``H x W`` or ``H x W x C`` (C = 1, 3, 4), uint8 or floats in [0, 1]."""
+
+
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """Read an image file fully (so a truncated file fails here, naming the file)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.copy()
+    except FileNotFoundError:
+        raise ImageError("no such image file", str(path)) from None
+    except IsADirectoryError:
+        raise ImageError("is a folder, not an image", str(path)) from None
+    except UnidentifiedImageError:
+        raise ImageError("not an image file Pillow can read", str(path)) from None
+    except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data, permissions
+        raise ImageError(f"cannot read image: {e}", str(path)) from None
+
+
+def array_to_image(a: np.ndarray) -> Image.Image:
+    """An ``H x W`` or ``H x W x C`` array as a PIL image (floats are taken as [0, 1] and rounded to 8 bits)."""
+    a = np.asarray(a)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)):
+        raise ImageError(f"an image array must be HxW or HxWxC with C in 1, 3, 4; got shape {a.shape}")
+    if a.dtype != np.uint8:
+        if not np.issubdtype(a.dtype, np.floating) and not np.issubdtype(a.dtype, np.integer):
+            raise ImageError(f"unsupported image array dtype {a.dtype}")
+        if np.issubdtype(a.dtype, np.floating):
+            a = np.rint(np.clip(a, 0.0, 1.0) * 255.0)
+        a = np.clip(a, 0, 255).astype(np.uint8)
+    mode = "L" if a.ndim == 2 else ("RGB" if a.shape[2] == 3 else "RGBA")
+    return Image.fromarray(np.ascontiguousarray(a), mode=mode)
+
+
+@dataclass(frozen=True, slots=True)
+class Preprocessor:
+    """The evaluation transform of one model (build it with :meth:`from_metadata`)."""
+
+    channels: int
+    size: tuple[int, int]
+    """Crop size (H, W): the model's input size."""
+    resize: tuple[int, int] | None = None
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.channels not in (1, 3):
+            raise ValueError(f"images can feed 1- or 3-channel models only, not {self.channels}-channel ones")
+
+    @classmethod
+    def from_metadata(cls, md: ModelMetadata) -> Preprocessor:
+        return cls(md.input_shape[0], md.crop, md.resize, md.mean, md.std)
+
+    def to_image(self, item: ImageLike) -> Image.Image:
+        """Any accepted input as a PIL image in the model's colour mode."""
+        if isinstance(item, Image.Image):
+            img = item
+        elif isinstance(item, np.ndarray):
+            img = array_to_image(item)
+        elif isinstance(item, (str, os.PathLike)):
+            img = open_image(item)
+        else:
+            raise ImageError(f"cannot use a {type(item).__name__} as an image (give a path, a PIL image or an array)")
+        mode = "L" if self.channels == 1 else "RGB"
+        return img if img.mode == mode else img.convert(mode)
+
+    def __call__(self, item: ImageLike) -> np.ndarray:
+        """One image → ``(C, H, W)`` float32, resized, centre-cropped, scaled to [0, 1] and normalised."""
+        img = self.to_image(item)
+        if self.resize is not None:
+            h, w = self.resize
+            if img.size != (w, h):
+                img = img.resize((w, h), Image.BILINEAR)
+        img = center_crop(img, self.size)
+        x = np.asarray(img, dtype=np.float32) / np.float32(255.0)
+        x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)
+        if self.mean:
+            x = x - np.asarray(self.mean, dtype=np.float32).reshape(-1, 1, 1)
+        if self.std:
+            x = x / np.asarray(self.std, dtype=np.float32).reshape(-1, 1, 1)
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def batch(self, items: Sequence[ImageLike]) -> np.ndarray:
+        """Several images → ``(N, C, H, W)`` float32."""
+        return np.stack([self(item) for item in items]) if items else np.zeros((0, self.channels, *self.size),
+                                                                             np.float32)
+
+
+def center_crop(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """torchvision's ``CenterCrop``: zero-pad a smaller image, then cut the centre ``size`` (H, W)."""
+    th, tw = size
+    w, h = img.size
+    if tw > w or th > h:
+        left, top = max(tw - w, 0) // 2, max(th - h, 0) // 2
+        canvas = Image.new(img.mode, (max(w, tw), max(h, th)), 0)
+        canvas.paste(img, (left, top))
+        img, (w, h) = canvas, canvas.size
+    if (w, h) == (tw, th):
+        return img
+    top, left = int(round((h - th) / 2.0)), int(round((w - tw) / 2.0))
+    return img.crop((left, top, left + tw, top + th))
+
+
+def expand_paths(items: Iterable[str | os.PathLike]) -> list[Path]:
+    """Files as given, folders replaced by the image files under them (recursively, sorted)."""
+    paths: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            paths.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS))
+        else:
+            paths.append(p)
+    return paths
