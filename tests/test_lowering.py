@@ -18,13 +18,12 @@ from cnds_runtime.metadata import ModelMetadata
 from onnx import TensorProto, numpy_helper
 
 from cnds_compiler import __version__, compile_spec
-from cnds_compiler.backends.pytorch import AUX_PREFIX, CndsNet
+from cnds_compiler.backends.pytorch import AUX_PREFIX, CndsNet, build_module
 from cnds_compiler.cli import compile_main
 from cnds_compiler.errors import CheckpointError, ExportError, UnknownNameError, UnsupportedError
 from cnds_compiler.ir import Network
 from cnds_compiler.lowering import parse_features, plan_deploy
 from cnds_compiler.lowering.onnx_export import (
-    _SkipInit,
     export_onnx,
     load_weights,
     make_metadata,
@@ -47,8 +46,7 @@ def small_random_state(net: Network, seed: int = 0) -> dict[str, torch.Tensor]:
     stay O(1) through any depth: a parity test that sees real numbers, not a vanished signal."""
     g = torch.Generator().manual_seed(seed)
     state = {}
-    with torch.device("meta"), _SkipInit():
-        shapes = {k: tuple(v.shape) for k, v in CndsNet(net).state_dict().items()}
+    shapes = {k: tuple(v.shape) for k, v in build_module(net, materialize=False).state_dict().items()}
     for key, shape in shapes.items():
         if key.endswith("num_batches_tracked"):
             state[key] = torch.tensor(0)
@@ -64,8 +62,7 @@ def small_random_state(net: Network, seed: int = 0) -> dict[str, torch.Tensor]:
 
 def torch_reference(net: Network, state: dict[str, torch.Tensor]) -> CndsNet:
     """The training module (branches included) holding ``state``, in eval mode."""
-    with torch.device("meta"), _SkipInit():
-        module = CndsNet(net)
+    module = build_module(net, materialize=False)
     module.load_state_dict(state, assign=True)
     return module.eval()
 

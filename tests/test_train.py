@@ -216,11 +216,17 @@ def test_two_processes_match_one_process(tmp_path):
     assert two.returncode == 0, two.stderr[-3000:]
     assert "2 process(es)" in two.stdout
     a, b = _final_weights(tmp_path / "one" / "last.pt"), _final_weights(tmp_path / "two" / "last.pt")
-    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
-    assert worst < 1e-4, f"2-process run drifted from 1-process run by {worst}"
-    moved = max(float((a[k] - build_module(compile_text(spec.read_text(), str(spec))).state_dict()[k]).abs().max())
-                for k in a if k.endswith("weight"))
-    assert moved > 1e-3  # training really changed the weights
+    init = build_module(compile_text(spec.read_text(), str(spec)), seed=0).state_dict()
+    # Stated tolerance: the processes' float32 all-reduce sums in another order than one process's mean,
+    # so the runs may differ by rounding that SGD carries forward; that difference must stay under 1% of
+    # how far training moved each tensor (a real desync, e.g. different samples, is of the order of 100%).
+    for k in a:
+        if not k.endswith(("weight", "bias")):
+            continue
+        moved = float((a[k] - init[k]).abs().max())
+        drift = float((a[k] - b[k]).abs().max())
+        assert moved > 0, f"{k} never changed"
+        assert drift <= 0.01 * moved, f"{k}: 2-process run drifted by {drift:.3g}, training moved it {moved:.3g}"
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..ir import Branch, InitScheme, Layer, Network, Op, OpKind
 
@@ -48,18 +49,30 @@ class FeatureInfo:
     """Qualified name of the module whose output it is."""
 
 
+class SkipInit(TorchFunctionMode):
+    """Turn torch's in-place initialisers into no-ops while modules are built on ``meta``.
+
+    Modules are built on ``meta`` and initialised once, as the spec says, after they get real memory:
+    PyTorch's own default initialisation would be wasted work (seconds for the 60M-parameter specs), and
+    on ``meta`` tensors it pulls in torch's decomposition machinery.
+    """
+
+    _INITS = frozenset({torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.fill_, torch.Tensor.zero_})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self._INITS:
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
 def make_module(op: Op, inplace_ok: bool) -> nn.Module:
-    """The ``nn.Module`` for one IR op, initialised as the spec says."""
+    """The ``nn.Module`` for one IR op (parameters not yet initialised: see :func:`initialise_op`)."""
     a, x = op.attrs, op.in_shape
     if op.kind is OpKind.CONV2D:
-        m = nn.Conv2d(x.dims[0], a.out_channels, a.kernel, a.stride, a.pad, a.dilation, a.groups,
-                      bias=a.init.bias is not None)
-        init_parameters(m, a.init)
-        return m
+        return nn.Conv2d(x.dims[0], a.out_channels, a.kernel, a.stride, a.pad, a.dilation, a.groups,
+                         bias=a.init.bias is not None)
     if op.kind is OpKind.LINEAR:
-        m = nn.Linear(x.numel, a.out_features, bias=a.init.bias is not None)
-        init_parameters(m, a.init)
-        return m
+        return nn.Linear(x.numel, a.out_features, bias=a.init.bias is not None)
     if op.kind is OpKind.MAXPOOL:
         return nn.MaxPool2d(a.kernel, a.stride, a.pad, ceil_mode=a.ceil)
     if op.kind is OpKind.AVGPOOL:
@@ -77,6 +90,15 @@ def make_module(op: Op, inplace_ok: bool) -> nn.Module:
     if op.kind is OpKind.GAP:
         return nn.AdaptiveAvgPool2d(1)
     raise NotImplementedError(op.kind)
+
+
+def initialise_op(owner: nn.Module, op: Op) -> None:
+    """Give op ``op``'s module in ``owner`` its initial parameters and buffers, as the spec says."""
+    m = getattr(owner, op.name)
+    if op.kind in (OpKind.CONV2D, OpKind.LINEAR):
+        init_parameters(m, op.attrs.init)
+    elif op.kind is OpKind.BATCHNORM:
+        m.reset_parameters()  # weight 1, bias 0, running statistics reset
 
 
 @torch.no_grad()
@@ -148,13 +170,23 @@ class CndsNet(nn.Module):
     net: Network
     code: str
 
-    def __init__(self, net: Network) -> None:
+    def __init__(self, net: Network, materialize: bool = True) -> None:
         super().__init__()
         if not net.shapes_known:
             raise ValueError("build_module needs a checked IR (run the pass pipeline first)")
         self.net = net
-        _build_modules(self, net.trunk)
-        self.aux = nn.ModuleDict({b.name: BranchModule(b) for b in net.branches})
+        with torch.device("meta"), SkipInit():
+            _build_modules(self, net.trunk)
+            self.aux = nn.ModuleDict({b.name: BranchModule(b) for b in net.branches})
+        if materialize:  # real memory, then one initialisation in spec order (trunk, then branches)
+            self.to_empty(device="cpu")
+            for layer in net.trunk:
+                for op in layer.ops:
+                    initialise_op(self, op)
+            for b in net.branches:
+                for layer in b.layers:
+                    for op in layer.ops:
+                        initialise_op(self.aux[b.name], op)
         spatial_end = max((i for i, layer in enumerate(net.trunk) if layer.out_shape.spatial), default=-1)
         self._features_layers = net.trunk[: spatial_end + 1]
         self._head_layers = net.trunk[spatial_end + 1 :]
@@ -286,8 +318,13 @@ class CndsNet(nn.Module):
         return f"CndsNet({self.net.name}, {len(self.net.trunk)} layers, {len(self.net.branches)} branches, {n:,} params)"
 
 
-def build_module(net: Network, seed: int | None = None) -> CndsNet:
-    """Build and initialise the module of a checked IR (``seed`` makes the initialisation repeatable)."""
+def build_module(net: Network, seed: int | None = None, materialize: bool = True) -> CndsNet:
+    """Build and initialise the module of a checked IR (``seed`` makes the initialisation repeatable).
+
+    ``materialize=False`` leaves every tensor on ``meta``: the module's structure and shapes, no memory.
+    """
+    if not materialize:
+        return CndsNet(net, materialize=False)
     if seed is None:
         return CndsNet(net)
     with torch.random.fork_rng(devices=[]):

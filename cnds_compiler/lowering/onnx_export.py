@@ -27,10 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from .. import __version__
-from ..backends.pytorch import AUX_PREFIX, build_module, make_module
+from ..backends.pytorch import AUX_PREFIX, SkipInit, build_module, make_module
 from ..errors import CheckpointError, ExportError, UnsupportedError
 from ..ir import Network, OpKind
 from .deploy import PRECISIONS, DeployPlan, plan_deploy
@@ -129,22 +128,10 @@ def load_weights(net: Network, path: str | Path | Mapping[str, torch.Tensor] | N
     return Weights(state, desc, True)
 
 
-class _SkipInit(TorchFunctionMode):
-    """Turn the in-place initialisers into no-ops while building modules whose weights get assigned next
-    (on ``meta`` tensors they would pull in torch's decomposition machinery, seconds of import time)."""
-
-    _INITS = frozenset({torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.fill_, torch.Tensor.zero_})
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in self._INITS:
-            return args[0]
-        return func(*args, **(kwargs or {}))
-
-
 def build_deploy_module(plan: DeployPlan, weights: Weights, path=None) -> DeployModule:
     """A new :class:`DeployModule` holding the trunk weights it needs (built on ``meta`` without
     initialisation, then the weights are assigned)."""
-    with torch.device("meta"), _SkipInit():
+    with torch.device("meta"), SkipInit():
         module = DeployModule(plan)
     wanted = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     where = str(path) if isinstance(path, (str, Path)) else None

@@ -84,6 +84,5 @@ def expected_shapes(net: Network) -> dict[str, tuple[int, ...]]:
     """State-dict key → shape of the module ``build_module(net)`` would make, without building it."""
     from ..backends.pytorch import build_module
 
-    with torch.device("meta"):
-        module = build_module(net)
+    module = build_module(net, materialize=False)
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
