@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from cnds_compiler import compile_spec
 from cnds_compiler.backends.pytorch import build_module
@@ -48,14 +47,20 @@ def _stepper(spec: str, batch: int):
     return step
 
 
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def time_pair(spec_a: str, spec_b: str, batch: int, reps: int) -> dict:
     a, b = _stepper(spec_a, batch), _stepper(spec_b, batch)
     for _ in range(3):
         a(), b()
     ta, tb = [], []
     for _ in range(reps):  # interleaved so both see the same machine state
-        t = time.perf_counter(); a(); ta.append(time.perf_counter() - t)
-        t = time.perf_counter(); b(); tb.append(time.perf_counter() - t)
+        ta.append(_timed(a))
+        tb.append(_timed(b))
     ma, mb = statistics.median(ta), statistics.median(tb)
     return {"a": spec_a, "b": spec_b, "batch": batch, "reps": reps, "a_ms": ma * 1e3, "b_ms": mb * 1e3,
             "ratio": ma / mb}
@@ -83,9 +88,7 @@ def loader_vs_training(batch: int, workers: int, images: int, train_reps: int) -
         load_ips = n / (time.perf_counter() - start)
     step = _stepper("imagenet_cnds8.cnds", batch)
     step()
-    times = []
-    for _ in range(train_reps):
-        t = time.perf_counter(); step(); times.append(time.perf_counter() - t)
+    times = [_timed(step) for _ in range(train_reps)]
     train_ips = batch / statistics.median(times)
     return {"batch": batch, "workers": workers, "loader_img_per_s": load_ips, "train_img_per_s": train_ips,
             "loader_over_train": load_ips / train_ips}

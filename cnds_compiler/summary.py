@@ -29,7 +29,8 @@ def describe_layer(layer: Layer) -> str:
 
 def _row(cells: list[str], widths: list[int]) -> str:
     left, right = cells[:4], cells[4:]
-    return "  ".join([c.ljust(w) for c, w in zip(left, widths[:4])] + [c.rjust(w) for c, w in zip(right, widths[4:])])
+    return "  ".join([c.ljust(w) for c, w in zip(left, widths[:4], strict=True)]
+                     + [c.rjust(w) for c, w in zip(right, widths[4:], strict=True)])
 
 
 def _input_text(layer: Layer) -> str:
