@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import CndsError
+from .errors import CndsError, report
 from .lowering.deploy import PRECISIONS
 
 
@@ -89,10 +89,7 @@ class CompileCLI:
             else:
                 self._emit(net)
         except CndsError as e:
-            if a.traceback:
-                raise
-            print(e.render(), file=sys.stderr)
-            return 1
+            return report(e, a.traceback)
         return 0
 
     def _load(self):

@@ -157,3 +157,14 @@ def did_you_mean(name: str, candidates: Iterable[str]) -> str | None:
     if len(close) == 1:
         return f"did you mean '{close[0]}'?"
     return "did you mean " + ", ".join(f"'{c}'" for c in close[:-1]) + f" or '{close[-1]}'?"
+
+
+def report(error: CndsError, show_traceback: bool = False) -> int:
+    """What every CLI does with a :class:`CndsError`: print it rendered to stderr and return exit code 1
+    (or re-raise it, with its traceback, under ``--traceback``)."""
+    if show_traceback:
+        raise error
+    import sys
+
+    print(error.render(), file=sys.stderr)
+    return 1

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..errors import CndsError
+from ..errors import CndsError, report
 from .rule import BRANCHES_KEPT, DEFAULT_MIN_GAP, DEFAULT_THRESHOLD, Proposal
 
 PROBE_DESCRIPTION = """\
@@ -183,10 +183,7 @@ def probe_main(argv: list[str] | None = None) -> int:
             summary = "; ".join(p for p in parts if p) or "no change to supervision"
             print(f"wrote {args.write} ({summary}; {len(new_net.branches)} branch(es), compiles)")
     except CndsError as e:
-        if args.traceback:
-            raise
-        print(e.render(), file=sys.stderr)
-        return 1
+        return report(e, args.traceback)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -228,10 +225,7 @@ def gradplot_main(argv: list[str] | None = None) -> int:
         out = plot_gradient_comparison(logs, args.layer, args.output, threshold=args.threshold,
                                        smooth=args.smooth, title=args.title)
     except CndsError as e:
-        if args.traceback:
-            raise
-        print(e.render(), file=sys.stderr)
-        return 1
+        return report(e, args.traceback)
     print(f"wrote {out}")
     return 0
 

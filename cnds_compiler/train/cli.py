@@ -11,7 +11,7 @@ from pathlib import Path
 # 15x slower here. Passive waiting costs little when the machine is idle. Set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from ..errors import CndsError
+from ..errors import CndsError, report
 
 DATA_HELP = ("digits (scikit-learn's bundled 8x8 digits, offline), fashion-mnist[:DIR] (IDX .gz files; "
              "default /usr/share/datasets/fashion-mnist), imagefolder:DIR (DIR/train/<class>/..., DIR/val/<class>/...)")
@@ -80,10 +80,7 @@ def train_main(argv: list[str] | None = None) -> int:
         )
         history = Trainer(net, cfg, opts).run()
     except CndsError as e:
-        if args.traceback:
-            raise
-        print(e.render(), file=sys.stderr)
-        return 1
+        return report(e, args.traceback)
     except KeyboardInterrupt:
         print("interrupted; the last completed epoch's checkpoint is kept (resume with --resume)", file=sys.stderr)
         return 130
@@ -121,10 +118,7 @@ def eval_main(argv: list[str] | None = None) -> int:
         model.to(device)
         top1, top5, skipped = evaluate(model, loader, device, model.branch_names, ten_crop=args.ten_crop)
     except CndsError as e:
-        if args.traceback:
-            raise
-        print(e.render(), file=sys.stderr)
-        return 1
+        return report(e, args.traceback)
     print(f"{net.name} on {data.description}" + (f" ({skipped} unreadable images skipped)" if skipped else ""))
     print(f"{'head':<16}{'top-1 error %':>15}{'top-5 error %':>15}")
     for head in top1:
