@@ -252,6 +252,8 @@ def _param_init(bound: dict, spans: dict, d: _Defaults) -> ParamInit:
         bias = None
     else:
         bias = as_float(bias, spans["bias"], "bias (initial value, or none)")
+    if scheme is not InitScheme.GAUSSIAN:
+        std = 0.0  # kaiming/xavier derive their scale from the fan; a std would be noise in the IR
     return ParamInit(scheme, std, bias)
 
 
@@ -712,7 +714,9 @@ def _init(decl: ast.InitDecl | None) -> ParamInit:
     bound, spans = Signature((("std", 0.01), ("bias", 0.0)), lambda *a: None).bind(call.name, call, args)
     bias = bound["bias"]
     bias = None if isinstance(bias, Word) and bias.name == "none" else as_float(bias, spans["bias"], "bias")
-    return ParamInit(InitScheme(call.name), as_float(bound["std"], spans["std"], "std", lo=0.0), bias)
+    scheme = InitScheme(call.name)
+    std = as_float(bound["std"], spans["std"], "std", lo=0.0) if scheme is InitScheme.GAUSSIAN else 0.0
+    return ParamInit(scheme, std, bias)
 
 
 def _pooling(decl: ast.PoolingDecl | None) -> bool:
