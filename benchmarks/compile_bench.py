@@ -1,4 +1,4 @@
-"""Compiler speed and compiled-model speed, measured separately, in one run (about 30 s on 2 idle cores).
+"""Compiler speed and compiled-model speed, measured separately, in one run (about 45 s on 2 idle cores).
 
 1. Spec → checked IR (``compile_spec``: parse + expand + passes) for every ``specs/*.cnds``, warm,
    median/min over ``CONFIG['compile_reps']`` runs; goal < 20 ms. The cold cost (``import cnds_compiler``, which

@@ -1,7 +1,9 @@
 import os
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see cnds_compiler/train/cli.py
+# Before torch loads. The suite runs 2-process trainings on 2 cores; there idle OpenMP threads that spin
+# (the default) slowed small nets 10x or more, while sleeping costs ~1.6x at most on an idle machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 

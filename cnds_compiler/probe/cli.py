@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -108,9 +107,6 @@ def _note(point, proposal, settings, init: str) -> str:
 
 
 def probe_main(argv: list[str] | None = None) -> int:
-    # Before torch loads OpenMP: idle threads sleep instead of spinning. On a shared 2-core machine the
-    # spinning made the Fashion-MNIST probe 10-30x slower (benchmarks/RESULTS.md, "probe").
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = _probe_parser()
     args = parser.parse_args(argv)
     if args.bias != "spec":

@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
-
-# Idle OpenMP threads spin by default; on a shared or oversubscribed CPU that made small nets up to
-# 15x slower here. Passive waiting costs little when the machine is idle. Set before torch loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from ..errors import CndsError, report
 
