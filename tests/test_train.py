@@ -202,10 +202,20 @@ def _final_weights(path: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(path)["model"]
 
 
+# A weight list with a zero epoch: in epoch 2 the branch is not computed, and DDP must not wait for its
+# gradients (the unused-parameter crash other tools need find_unused_parameters for).
+ZERO_WEIGHT = "unsupervise conv3_2\nsupervise conv3_2 weight [0.3, 0, 0.2] { g: gap; l: linear(classes) }\n"
+
+
 @pytest.mark.slow
-def test_two_processes_match_one_process(tmp_path):
+@pytest.mark.parametrize("branch", ["linear-decay", "zero-weight-epoch"])
+def test_two_processes_match_one_process(tmp_path, branch):
     spec = _nodrop_spec(tmp_path)
-    common = ["--epochs", "2", "--batch-size", "32", "--no-progress", "--cpu", "--limit-train", "512"]
+    if branch == "zero-weight-epoch":
+        spec.write_text(spec.read_text() + ZERO_WEIGHT)
+    # lr 0.01: small enough that SGD does not amplify float rounding chaotically over the run
+    common = ["--epochs", "3" if branch == "zero-weight-epoch" else "2", "--batch-size", "32", "--lr", "0.01",
+              "--no-progress", "--cpu", "--limit-train", "512"]
     one = _train([str(spec), "--out", str(tmp_path / "one"), *common])
     assert one.returncode == 0, one.stderr
     two = subprocess.run(
@@ -214,19 +224,30 @@ def test_two_processes_match_one_process(tmp_path):
         capture_output=True, text=True, env=_env(), timeout=600,
     )
     assert two.returncode == 0, two.stderr[-3000:]
-    assert "2 process(es)" in two.stdout
+    assert "2 process(es)" in two.stdout and two.stdout.count("done:") == 1  # only the main process reports
+    rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    if branch == "zero-weight-epoch":
+        assert rows[1]["alphas"]["conv3_2"] == 0 and "conv3_2" not in rows[1]["train_loss"]  # not computed
+        assert "conv3_2" in rows[2]["train_loss"]
     a, b = _final_weights(tmp_path / "one" / "last.pt"), _final_weights(tmp_path / "two" / "last.pt")
+    # Exact: one process that splits each global batch into the same two halves and accumulates their
+    # gradients performs the same float operations as the two processes' all-reduce: bit-identical weights.
+    split = _train([str(spec), "--out", str(tmp_path / "split"), "--grad-accum", "2", *common])
+    assert split.returncode == 0, split.stderr
+    c = _final_weights(tmp_path / "split" / "last.pt")
+    assert all(torch.equal(b[k], c[k]) for k in b), "2 processes differ from 1 process with the same split"
+    # Stated tolerance against one process taking each batch of 32 in one piece: its batch mean rounds in
+    # another order, and SGD carries that forward through ReLU boundaries. Measured: < 1% of how far training
+    # moved each tensor (linear decay, 2 epochs) and up to 19% (zero-weight epoch, 3 epochs); bound 25%. The
+    # exact check above is the proof of synchronisation; this one bounds the size of the rounding effect.
     init = build_module(compile_text(spec.read_text(), str(spec)), seed=0).state_dict()
-    # Stated tolerance: the processes' float32 all-reduce sums in another order than one process's mean,
-    # so the runs may differ by rounding that SGD carries forward; that difference must stay under 1% of
-    # how far training moved each tensor (a real desync, e.g. different samples, is of the order of 100%).
     for k in a:
         if not k.endswith(("weight", "bias")):
             continue
         moved = float((a[k] - init[k]).abs().max())
         drift = float((a[k] - b[k]).abs().max())
         assert moved > 0, f"{k} never changed"
-        assert drift <= 0.01 * moved, f"{k}: 2-process run drifted by {drift:.3g}, training moved it {moved:.3g}"
+        assert drift <= 0.25 * moved, f"{k}: 2-process run drifted by {drift:.3g}, training moved it {moved:.3g}"
 
 
 @pytest.mark.slow

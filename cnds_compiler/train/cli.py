@@ -73,7 +73,8 @@ def train_main(argv: list[str] | None = None) -> int:
             limit_val=args.limit_val, progress=not args.no_progress, grad_monitor=args.grad_monitor,
             max_steps=args.max_steps,
         )
-        history = Trainer(net, cfg, opts).run()
+        trainer = Trainer(net, cfg, opts)
+        history = trainer.run() if trainer.acc.is_main_process else (trainer.run() and [])
     except CndsError as e:
         return report(e, args.traceback)
     except KeyboardInterrupt:

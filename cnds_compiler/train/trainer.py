@@ -6,9 +6,11 @@ Caffe's bias learning-rate multiplier and weight decay on weights only, then val
 and of every branch head, logs, and atomic checkpoints (``last.pt`` every epoch, ``best.pt`` on the best
 main-head top-1 error).
 
-A branch whose α is 0 is not computed. In a multi-process run its parameters still join the step's
-graph through a zero-weighted sum of their values, so every process reduces the same parameter set and
-DDP never waits for a gradient that will not come (no ``find_unused_parameters`` scan needed).
+A branch whose α is 0 is not computed and not updated. In a multi-process run its parameters still join
+the step's graph through a zero-weighted sum of their values, so every process reduces the same parameter
+set and DDP never waits for a gradient that will not come (no ``find_unused_parameters`` scan needed);
+the resulting zero gradients are dropped before the optimiser step, so momentum and weight decay leave the
+idle branch alone exactly as in a single process.
 """
 
 from __future__ import annotations
@@ -468,6 +470,12 @@ class Trainer:
                 if not torch.isfinite(loss.detach()):
                     self._non_finite(epoch, parts)
                 acc.backward(loss)
+                if idle and acc.num_processes > 1:
+                    # The all-reduce is done; drop the zeros so the optimiser skips the idle branch
+                    # (no momentum, no weight decay), exactly as a single process does.
+                    for name in idle:
+                        for p in self.branch_params[name]:
+                            p.grad = None
                 if acc.sync_gradients:
                     self._monitor_gradients()
                 self.optimizer.step()
