@@ -143,6 +143,12 @@ class DataError(CndsError):
     kind = "data error"
 
 
+class OutputError(CndsError):
+    """A result file or folder cannot be written."""
+
+    kind = "output error"
+
+
 class TrainingError(CndsError):
     """Training cannot go on (non-finite loss, bad configuration)."""
 

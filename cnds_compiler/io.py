@@ -8,8 +8,23 @@ from pathlib import Path
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to a temp file beside ``path``, fsync it, then rename over ``path``."""
-    path = Path(path)
+    """Write ``data`` to a temp file beside ``path``, fsync it, then rename over ``path``.
+
+    A file that cannot be written (a missing or read-only folder, a path below a file) is a
+    :class:`~cnds_compiler.errors.OutputError` naming it; nothing half-written is left behind.
+    """
+    try:
+        _atomic_write(Path(path), data)
+    except OSError as e:
+        from .errors import OutputError
+
+        blocker = next((p for p in Path(path).parents if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise OutputError(f"cannot write: {blocker} is a file, not a folder", path=str(path)) from None
+        raise OutputError(f"cannot write ({e.strerror or e})", path=str(path)) from None
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

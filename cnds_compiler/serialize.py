@@ -126,12 +126,6 @@ def dumps(net: Network) -> str:
     return json.dumps(to_json_dict(net), indent=1) + "\n"
 
 
-def write_ir(net: Network, path: str | Path) -> None:
-    from .io import atomic_write_text
-
-    atomic_write_text(path, dumps(net))
-
-
 # ---- from JSON ----------------------------------------------------------------------------------
 
 

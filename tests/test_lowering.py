@@ -402,7 +402,7 @@ def test_cli_user_errors_are_one_line(tmp_path: Path, capsys):
         (["--weights", str(wrong)], "wrong.pt: checkpoint error: weights do not fit"),
         (["--features", "fc9"], "digits_cnds8.cnds: unknown name: --features: no trunk layer named 'fc9'"),
         (["--features", "classifier"], "belong to supervision branches"),
-        (["-o", str(junk / "m.onnx")], "export error: cannot write"),
+        (["-o", str(junk / "m.onnx")], "output error: cannot write"),
     ]
     for extra, message in cases:
         rc = compile_main([spec, "--emit", "onnx", "-o", str(tmp_path / "m.onnx"), *extra])

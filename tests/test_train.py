@@ -308,3 +308,47 @@ def test_imagefolder_run_skips_and_counts_corrupt_images_or_stops_under_strict(t
                      "--cpu", "--strict"])
     assert strict.returncode == 1 and "Traceback" not in strict.stderr
     assert "corrupt_" in strict.stderr and "data error" in strict.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--lr", "-1"], "--lr must be >= 0.0"),
+        (["--momentum", "1.5"], "--momentum must be in [0.0, 1.0]"),
+        (["--out", "/dev/null/run"], "cannot create the run folder"),
+        (["--init-from", "{empty}"], "copied nothing"),
+        (["--resume", "--out", "{fresh}"], "no such checkpoint"),
+    ],
+    ids=["negative-lr", "momentum-range", "out-below-a-file", "init-from-nothing", "resume-without-run"],
+)
+def test_train_cli_bad_values_are_one_line_errors(tmp_path, capsys, args, message):
+    from cnds_compiler.train.cli import train_main
+
+    empty = tmp_path / "empty.pt"
+    torch.save({"unrelated.weight": torch.zeros(3)}, empty)
+    args = [a.format(empty=empty, fresh=tmp_path / "fresh") for a in args]
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "run")]
+    code = train_main([str(SPECS / "digits_cnds8.cnds"), "--epochs", "1", "--limit-train", "128", "--no-progress",
+                       "--cpu", *args])
+    err = capsys.readouterr().err
+    assert code == 1 and message in err and "Traceback" not in err
+    assert err.splitlines()[0].count(": ") >= 1  # "path: kind: message" or "kind: message"
+
+
+@pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--grad-accum", "0"), ("--epochs", "0"),
+                                         ("--workers", "-1"), ("--max-steps", "0")])
+def test_train_cli_out_of_range_counts_are_usage_errors(flag, value, capsys):
+    from cnds_compiler.train.cli import train_main
+
+    with pytest.raises(SystemExit) as e:
+        train_main([str(SPECS / "digits_cnds8.cnds"), flag, value])
+    assert e.value.code == 2 and "must be >=" in capsys.readouterr().err
+
+
+def test_unwritable_outputs_are_one_line_errors(tmp_path, capsys):
+    from cnds_compiler.cli import compile_main
+
+    code = compile_main([str(SPECS / "digits_cnds8.cnds"), "--emit", "ir", "-o", "/dev/null/x.json"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("/dev/null/x.json: output error: cannot write") and "Traceback" not in err

@@ -459,9 +459,6 @@ def _export(net, output, weights, features, precision, calibration, validation, 
         raise ExportError(f"onnx.checker rejected the exported graph: {first}") from e
     from ..io import atomic_write_bytes
 
-    try:
-        atomic_write_bytes(output, data)
-    except OSError as e:
-        raise ExportError(f"cannot write: {e.strerror or e}", path=str(output)) from None
+    atomic_write_bytes(output, data)  # an unwritable output is an OutputError naming it
     return ExportReport(Path(output), plan, metadata, opset, len(data), "passed", proof, parity,
                         precision_report, notes)

@@ -43,7 +43,11 @@ def load_checkpoint(path: str | Path, net: Network | None = None) -> dict[str, A
         raise CheckpointError("no such checkpoint", path=str(path))
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+    except pickle.UnpicklingError:
+        # torch's own text here suggests weights_only=False, i.e. running the file's code: never do that
+        raise CheckpointError("cannot read checkpoint: not a torch checkpoint, or it holds objects other than "
+                              "tensors and plain data", path=str(path)) from None
+    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
         raise CheckpointError(f"cannot read checkpoint (corrupt or not a torch file): {first}", path=str(path)) from None
     if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT:

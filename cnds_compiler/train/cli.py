@@ -6,18 +6,33 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..errors import CndsError, report
+from ..errors import CndsError, OutputError, report
 
 DATA_HELP = ("digits (scikit-learn's bundled 8x8 digits, offline), fashion-mnist[:DIR] (IDX .gz files; "
              "default /usr/share/datasets/fashion-mnist), imagefolder:DIR (DIR/train/<class>/..., DIR/val/<class>/...)")
 
 
+def _count(minimum: int):
+    """argparse type: an integer >= ``minimum`` (a usage error, exit 2, otherwise)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="digits", help=f"data source: {DATA_HELP} (default: digits)")
-    p.add_argument("--workers", type=int, default=0, help="data-loader worker processes (default 0)")
+    p.add_argument("--workers", type=_count(0), default=0, help="data-loader worker processes (default 0)")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
     p.add_argument("--ten-crop", action="store_true", help="evaluate on 10 crops (corners, centre, mirrors)")
-    p.add_argument("--limit-val", type=int, help="use only the first N validation examples")
+    p.add_argument("--limit-val", type=_count(1), help="use only the first N validation examples")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is available")
     p.add_argument("--traceback", action="store_true", help="show Python tracebacks on errors")
 
@@ -33,18 +48,18 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run directory for checkpoints and logs (default: runs/<network>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--init-from", type=Path, help="copy every parameter whose name and shape match from this checkpoint")
-    p.add_argument("--epochs", type=int, help="override the spec's epochs")
-    p.add_argument("--batch-size", type=int, help="override the spec's (global) batch size")
+    p.add_argument("--epochs", type=_count(1), help="override the spec's epochs")
+    p.add_argument("--batch-size", type=_count(1), help="override the spec's (global) batch size")
     p.add_argument("--lr", type=float, help="override the spec's base learning rate")
     p.add_argument("--momentum", type=float, help="override the spec's momentum")
     p.add_argument("--weight-decay", type=float, help="override the spec's weight decay")
     p.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), help="override the spec's optimizer")
-    p.add_argument("--seed", type=int, help="override the spec's seed")
+    p.add_argument("--seed", type=_count(0), help="override the spec's seed")
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
-    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
-    p.add_argument("--limit-train", type=int, help="use only the first N training examples")
-    p.add_argument("--max-steps", type=int, help="stop after N optimizer steps (smoke tests)")
-    p.add_argument("--grad-monitor", type=int, default=0, metavar="N",
+    p.add_argument("--grad-accum", type=_count(1), default=1, help="gradient accumulation steps")
+    p.add_argument("--limit-train", type=_count(1), help="use only the first N training examples")
+    p.add_argument("--max-steps", type=_count(1), help="stop after N optimizer steps (smoke tests)")
+    p.add_argument("--grad-monitor", type=_count(0), default=0, metavar="N",
                    help="record every conv layer's mean |gradient| every N steps into gradients.json")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _common(p)
@@ -63,6 +78,10 @@ def train_main(argv: list[str] | None = None) -> int:
             "weight_decay": args.weight_decay, "optimizer": args.optimizer, "seed": args.seed,
         })
         out = Path(args.out) if args.out else Path("runs") / net.name
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"cannot create the run folder ({e.strerror or e})", path=str(out)) from None
         if not args.resume and (out / "last.pt").exists():
             raise CndsError(f"{out} already holds a run; pass --resume to continue it or choose another --out",
                             path=str(out))
@@ -92,7 +111,7 @@ def eval_main(argv: list[str] | None = None) -> int:
                                 "for the main head and every supervision branch.")
     p.add_argument("spec", help="the .cnds spec the checkpoint was trained from")
     p.add_argument("checkpoint", help="a checkpoint (last.pt / best.pt)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=_count(1), default=256)
     _common(p)
     args = p.parse_args(argv)
     try:

@@ -35,14 +35,15 @@ def deep_supervision_loss(
     weights: dict[str, float],
     main_loss: LossKind = LossKind.SOFTMAX,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Total loss and its parts (``main`` and one entry per computed branch, unweighted).
+    """Total loss and its parts (``main`` and one entry per computed branch, unweighted, detached for logs).
 
     Branches missing from ``aux`` (not computed because their α is 0) contribute nothing.
     """
-    parts = {"main": head_loss(main_loss, logits, labels)}
-    total = parts["main"]
+    total = head_loss(main_loss, logits, labels)
+    parts = {"main": total.detach()}
     for b in net.branches:
         if b.name in aux:
-            parts[b.name] = head_loss(b.loss, aux[b.name], labels)
-            total = total + weights[b.name] * parts[b.name]
+            branch_loss = head_loss(b.loss, aux[b.name], labels)
+            parts[b.name] = branch_loss.detach()
+            total = total + weights[b.name] * branch_loss
     return total, parts

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+
+from ..io import atomic_write_bytes
 
 
 def plot_curves(history: list[dict], out: Path, title: str = "") -> None:
@@ -29,7 +32,7 @@ def plot_curves(history: list[dict], out: Path, title: str = "") -> None:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
-    tmp.replace(out)
+    atomic_write_bytes(out, buffer.getvalue())

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import json
 import random
 import time
@@ -31,7 +32,7 @@ import torch
 from ..errors import CheckpointError, TrainingError
 from ..io import atomic_write_text
 from ..ir import Network, TrainConfig
-from ..serialize import dumps, loads
+from ..serialize import dumps
 from .checkpoint import load_checkpoint, save_checkpoint
 from .loss import alphas, deep_supervision_loss
 from .schedule import lr_factor
@@ -265,9 +266,21 @@ def evaluate(model, loader, device, branches: tuple[str, ...], ten_crop: bool = 
 # ---- the trainer --------------------------------------------------------------------------------------
 
 
+_OVERRIDE_RANGES = {
+    "epochs": (1, None), "batch": (1, None), "lr": (0.0, None), "momentum": (0.0, 1.0),
+    "weight_decay": (0.0, None), "seed": (0, None),
+}
+
+
 def effective_config(net: Network, overrides: dict[str, Any]) -> TrainConfig:
-    """The spec's solver settings with the CLI's overrides applied."""
-    return replace(net.train, **{k: v for k, v in overrides.items() if v is not None})
+    """The spec's solver settings with the CLI's overrides applied (checked like the spec's own values)."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    for key, value in given.items():
+        lo, hi = _OVERRIDE_RANGES.get(key, (None, None))
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            bounds = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+            raise TrainingError(f"--{key.replace('_', '-')} must be {bounds}, got {value}")
+    return replace(net.train, **given)
 
 
 class Trainer:
@@ -347,6 +360,10 @@ class Trainer:
             self._restore()
         elif self.opts.init_from is not None:
             report = init_from(self.model, self.opts.init_from)
+            if not report.copied:
+                raise TrainingError(
+                    "--init-from copied nothing: no parameter of that checkpoint has the name and shape of one of "
+                    f"'{self.net.name}'", path=str(self.opts.init_from))
             self.print(report.format(str(self.opts.init_from)))
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
         self.branch_params = {
@@ -366,6 +383,8 @@ class Trainer:
         self.best_error = ckpt.get("best_val_error")
         self.grad_log = list(ckpt.get("grad_log", []))
         set_rng_state(ckpt["rng"])
+        if self.acc.is_main_process:  # the log may have run ahead of the checkpoint when a run was killed
+            atomic_write_text(self.out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in self.history))
         self.print(f"resumed {path} at epoch {self.start_epoch}/{self.cfg.epochs}")
 
     def print(self, *args) -> None:
@@ -556,12 +575,11 @@ class Trainer:
         rows = [flatten_metrics(m) for m in self.history]
         if rows:
             keys = sorted({k for r in rows for k in r}, key=lambda k: (k != "epoch", k))
-            tmp = self.out / ".metrics.csv.tmp"
-            with open(tmp, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=keys)
-                w.writeheader()
-                w.writerows(rows)
-            tmp.replace(self.out / "metrics.csv")
+            text = io.StringIO()
+            w = csv.DictWriter(text, fieldnames=keys)
+            w.writeheader()
+            w.writerows(rows)
+            atomic_write_text(self.out / "metrics.csv", text.getvalue())
             from .plots import plot_curves
 
             plot_curves(self.history, self.out / "curves.png", title=self.net.name)
@@ -579,7 +597,4 @@ def flatten_metrics(m: dict) -> dict:
             row[k] = v
     return row
 
-
-def network_from_checkpoint(ckpt: dict) -> Network:
-    return loads(ckpt["spec_text"], "<checkpoint>")
 

@@ -181,7 +181,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
         tmp.write_bytes(data)
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        _remove_quietly(tmp)
         raise RuntimeCndsError(f"cannot write output: {e.strerror or e}", str(path)) from None
 
 
@@ -194,3 +194,11 @@ def predict_main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["ExtractCLI", "ModelError", "PredictCLI", "extract_main", "predict_main"]
+
+
+def _remove_quietly(path) -> None:
+    """Remove a temp file if it exists; an unwritable folder must not turn into a second error."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
