@@ -23,6 +23,7 @@ for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
+import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -34,8 +35,10 @@ import torch  # noqa: E402
 
 from cnds_compiler import compile_spec  # noqa: E402
 from cnds_compiler.backends.pytorch import build_module  # noqa: E402
+from cnds_compiler.errors import CheckpointError  # noqa: E402
 from cnds_compiler.lowering.onnx_export import DEFAULT_OPSET, cpu_session, export_onnx, torch_to_onnx  # noqa: E402
 from cnds_compiler.lowering.precision import quantize_int8  # noqa: E402
+from cnds_compiler.train.checkpoint import load_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCH = 8
@@ -79,6 +82,11 @@ def trained_fmnist(args) -> Path:
         return Path(args.checkpoint)
     out = Path(args.work) / "fmnist_cnn8"
     ckpt = out / "last.pt"
+    if ckpt.exists():
+        try:  # a cached run from an older version of the spec is retrained, not trusted
+            load_checkpoint(ckpt, compile_spec(ROOT / "specs/fmnist_cnn8.cnds"))
+        except CheckpointError:
+            shutil.rmtree(out)
     if not ckpt.exists():
         cmd = ["cnds-train", str(ROOT / "specs/fmnist_cnn8.cnds"), "--data", "fashion-mnist", "--epochs",
                str(args.train_epochs), "--out", str(out), "--no-progress", "--cpu"]

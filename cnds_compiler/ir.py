@@ -388,15 +388,24 @@ class Network:
         return replace(self, branches=())
 
     def digest(self) -> str:
-        """Hash of the architecture (input, classes, trunk, branches), not of names, settings or spans.
+        """Hash of the architecture: input, classes, and every op's kind, settings and shapes.
 
-        Checkpoints record it: weights fit a network exactly when the digests agree, so editing the
-        ``train { }`` section or renaming the network keeps a run's checkpoints usable.
+        Names, initialisation, solver settings and spans are left out: weights fit a network exactly when
+        the digests agree, so renaming it, changing its ``init`` or editing ``train { }`` keeps a run's
+        checkpoints usable (``fmnist_cnn8`` weights load into ``fmnist_cnn8_gauss``).
         """
         import json
 
         from .serialize import to_json_dict  # local: serialize imports this module
 
         doc = to_json_dict(self, include_sources=False, include_spans=False)
-        arch = {k: doc[k] for k in ("input", "num_classes", "trunk", "branches")}
+
+        def architecture(node):
+            if isinstance(node, dict):
+                return {k: architecture(v) for k, v in node.items() if k not in ("init", "schedule", "loss")}
+            if isinstance(node, list):
+                return [architecture(v) for v in node]
+            return node
+
+        arch = architecture({k: doc[k] for k in ("input", "num_classes", "trunk", "branches")})
         return hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]

@@ -68,9 +68,10 @@ def check_matches(ckpt: dict[str, Any], net: Network, path: str | Path) -> None:
     if digest is not None:
         if digest != net.digest():
             other = ckpt.get("spec_name", "another network")
+            made = (f"an earlier version of '{other}' whose layers differ" if other == net.name else f"'{other}'")
             raise CheckpointError(
-                f"checkpoint was made from '{other}' (IR hash {digest}), not from '{net.name}' "
-                f"(IR hash {net.digest()}); use --init-from to copy matching weights across specs",
+                f"checkpoint was made from {made} (architecture hash {digest}), not from '{net.name}' "
+                f"(architecture hash {net.digest()}); use --init-from to copy the weights that still fit",
                 path=str(path),
             )
         return
