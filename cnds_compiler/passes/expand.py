@@ -514,7 +514,6 @@ def _load(path: Path, stack: tuple[Path, ...], span: Span | None, merged: _Merge
             if span is None:
                 raise
             raise SpecIncludeError(f"cannot extend {str(path)!r}: {e.message}", span) from None
-    text_source = None
     extends = [st for st in spec.statements if isinstance(st, ast.ExtendsDecl)]
     if len(extends) > 1:
         raise DuplicateNameError("a spec extends at most one base", extends[1].span)
@@ -544,7 +543,7 @@ class _Expander:
         self.defaults = defaults
         self.env = env
 
-    def layer(self, name: str, definition: ast.LayerDef, used_names: set[str]) -> Layer:
+    def layer(self, name: str, definition: ast.LayerDef) -> Layer:
         ops: list[tuple[OpKind, Any, Span]] = []
         for call in definition.ops:
             ops.extend(self.call(call, self.env, call.span, ()))
@@ -632,13 +631,13 @@ class _Expander:
         return tuple(result)
 
 
-def _header_span(spec: ast.SpecFile, source_text: str | None) -> Span:
+def _header_span(spec: ast.SpecFile) -> Span:
+    """Where a missing header line is reported: the first statement, or the start of an empty file."""
     from ..source import Source
 
     if spec.statements:
         return spec.statements[0].span
-    src = Source(spec.path, source_text or "\n")
-    return Span(src, 0, 0)
+    return Span(Source(spec.path, "\n"), 0, 0)
 
 
 def expand(spec: ast.SpecFile, path: str | Path | None = None) -> Network:
@@ -646,7 +645,7 @@ def expand(spec: ast.SpecFile, path: str | Path | None = None) -> Network:
     merged = _Merged()
     root = Path(path if path is not None else spec.path).resolve()
     _load(root, (root,), None, merged, spec)
-    first = _header_span(spec, None)
+    first = _header_span(spec)
 
     if merged.network is None:
         raise CndsError("the spec has no `network NAME` line", first, hint="start the file with e.g. `network my_net`")
@@ -669,8 +668,7 @@ def expand(spec: ast.SpecFile, path: str | Path | None = None) -> Network:
 
     if not merged.layers:
         raise CndsError("the spec defines no layers", merged.network.span)
-    used: set[str] = set()
-    trunk = tuple(ex.layer(name, d, used) for name, d in merged.layers)
+    trunk = tuple(ex.layer(name, d) for name, d in merged.layers)
     branches = tuple(_branch(ex, tap, span, st, env) for tap, span, st in merged.supervise)
     train = _section(merged.sections.get("train", {}), TRAIN_KEYS, env, TrainConfig())
     data = _section(merged.sections.get("data", {}), DATA_KEYS, env, DataConfig())
@@ -787,5 +785,5 @@ def _branch(ex: _Expander, tap: str, tap_span: Span, st: ast.Supervise, env: dic
                     f"layer '{name}' defined twice in this branch", d.name_span, notes=((seen[name], "first defined here"),)
                 )
             seen[name] = d.name_span
-            layers.append(ex.layer(name, d, set()))
+            layers.append(ex.layer(name, d))
     return Branch(tap, tap, loss, WeightSchedule(kind, alpha0, values), tuple(layers), tap_span)

@@ -93,7 +93,9 @@ def train_main(argv: list[str] | None = None) -> int:
             max_steps=args.max_steps,
         )
         trainer = Trainer(net, cfg, opts)
-        history = trainer.run() if trainer.acc.is_main_process else (trainer.run() and [])
+        history = trainer.run()
+        if not trainer.acc.is_main_process:
+            history = []  # only the main process reports
     except CndsError as e:
         return report(e, args.traceback)
     except KeyboardInterrupt:
