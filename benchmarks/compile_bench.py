@@ -1,9 +1,9 @@
 """Compiler speed and compiled-model speed, measured separately, in one run (about 45 s on 2 idle cores).
 
-1. Spec → checked IR (``compile_spec``: parse + expand + passes) for every ``specs/*.cnds``, warm,
+1. Spec → checked IR (``compile_spec``: parse + lower + passes) for every ``specs/*.cnds``, warm,
    median/min over ``CONFIG['compile_reps']`` runs; goal < 20 ms. The cold cost (``import cnds_compiler``, which
    builds the lark grammar, plus the first compile) is measured once in fresh interpreters. One spec
-   is also split per stage: parse, parse of ``extends`` bases, expand, each pass.
+   is also split per stage: parse, parse of ``extends`` bases, lower, each pass.
 2. The compiled small CNDS-8 (``specs/fmnist_cnds8.cnds``) against a hand-written ``nn.Module`` of the
    same layers and the same weights: a training step (forward with the branch, CE(main) +
    0.3·CE(branch), backward, zero grads) and the eval forward, interleaved, medians and the ratio
@@ -38,9 +38,10 @@ from torch import nn
 
 from cnds_compiler import CndsError, compile_spec
 from cnds_compiler.backends.pytorch import build_module
+from cnds_compiler.lang import lower as lower_module
+from cnds_compiler.lang import merge as merge_module
 from cnds_compiler.parser import parse_file
 from cnds_compiler.passes import DEFAULT_PIPELINE, PassPipeline
-from cnds_compiler.passes import expand as expand_module
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "specs"
@@ -114,10 +115,10 @@ def bench_compile(spec: Path, reps: int) -> dict:
 
 
 def bench_stages(spec: Path, reps: int) -> dict[str, float]:
-    """Median ms of parse, expand and each pass of the default pipeline.
+    """Median ms of parse, lower (AST → IR graph) and each pass of the default pipeline.
 
-    ``expand`` parses the specs an ``extends`` chain names; that time is counted as "parse bases", not
-    as expansion (by wrapping the ``parse_file`` that :mod:`~cnds_compiler.passes.expand` calls).
+    ``lower`` parses the specs an ``extends`` chain names; that time is counted as "parse bases", not
+    as lowering (by wrapping the ``parse_file`` that :mod:`~cnds_compiler.lang.merge` calls).
     """
     stages: dict[str, list[float]] = {}
     base_parse = [0.0]
@@ -133,21 +134,21 @@ def bench_stages(spec: Path, reps: int) -> dict[str, float]:
             base_parse[0] += time.perf_counter() - start
 
     pipeline = PassPipeline.from_names(DEFAULT_PIPELINE, on_pass)
-    expand_module.parse_file = timed_parse
+    merge_module.parse_file = timed_parse
     try:
         for _ in range(reps):
             start = time.perf_counter()
             ast = parse_file(spec)
             mid = time.perf_counter()
             base_parse[0] = 0.0
-            net = expand_module.expand(ast, spec)
+            net = lower_module.lower(ast, spec)
             stages.setdefault("parse", []).append(mid - start)
             stages.setdefault("parse bases", []).append(base_parse[0])
-            stages.setdefault("expand", []).append(time.perf_counter() - mid - base_parse[0])
+            stages.setdefault("lower", []).append(time.perf_counter() - mid - base_parse[0])
             pipeline.apply(net)
     finally:
-        expand_module.parse_file = parse_file
-    order = ["parse", "parse bases", "expand", *DEFAULT_PIPELINE]
+        merge_module.parse_file = parse_file
+    order = ["parse", "parse bases", "lower", *DEFAULT_PIPELINE]
     return {name: statistics.median(stages[name]) * 1e3 for name in order}
 
 
@@ -303,7 +304,7 @@ def bench_overhead(compiled: nn.Module, calls: int) -> dict[str, float]:
         "wanted_none_us": lambda: compiled._wanted(None),
         "output_dataclass_us": lambda: out_type(t, {}),  # CndsOutput(logits, aux)
         "plain_tuple_us": lambda: (t, None),  # what the hand-written forward returns
-        "aux_lookup_us": lambda: compiled.aux[BRANCH],  # ModuleDict lookup, paid by both
+        "aux_lookup_us": lambda: getattr(compiled.aux, BRANCH),  # submodule lookup, paid by both
     }
     return {k: min(timeit.repeat(f, number=calls, repeat=5)) / calls * 1e6 for k, f in probes.items()}
 

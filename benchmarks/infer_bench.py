@@ -35,10 +35,10 @@ import torch  # noqa: E402
 
 from cnds_compiler import compile_spec  # noqa: E402
 from cnds_compiler.backends.pytorch import build_module  # noqa: E402
+from cnds_compiler.checkpoint import load_checkpoint  # noqa: E402
 from cnds_compiler.errors import CheckpointError  # noqa: E402
 from cnds_compiler.lowering.onnx_export import DEFAULT_OPSET, cpu_session, export_onnx, torch_to_onnx  # noqa: E402
 from cnds_compiler.lowering.precision import quantize_int8  # noqa: E402
-from cnds_compiler.train.checkpoint import load_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCH = 8

@@ -170,7 +170,7 @@ def fmt_pm(xs, scale: float = 100.0, digits: int = 2) -> str:
 
 
 def _test_loader(net, data: str, regime: Regime, cache: dict):
-    from cnds_compiler.train.data import load_source, make_loader
+    from cnds_compiler.data import load_source, make_loader
 
     key = (net.input.dims, net.data)
     if key not in cache:
@@ -403,7 +403,7 @@ def plot_training_curves(records: list[dict], out: Path, reference_target: float
 
 
 def _fmnist_root(data: str) -> Path:
-    from cnds_compiler.train.data import FASHION_MNIST_DIR
+    from cnds_compiler.data import FASHION_MNIST_DIR
 
     kind, _, arg = data.partition(":")
     return Path(arg).expanduser() if arg else FASHION_MNIST_DIR
@@ -414,8 +414,8 @@ def export_best(records: list[dict], regime: Regime, data: str, runs: Path, cach
     import numpy as np
 
     from cnds_compiler import compile_spec
+    from cnds_compiler.data import read_idx
     from cnds_compiler.lowering.onnx_export import export_onnx
-    from cnds_compiler.train.data import read_idx
 
     best = min(records, key=lambda r: r["test_top1_error"])
     row = ROW[best["row"]]
@@ -427,7 +427,7 @@ def export_best(records: list[dict], regime: Regime, data: str, runs: Path, cach
     test_set, _ = _test_loader(net, data, regime, cache)
     idx = np.asarray(test_set.indices)
     root = _fmnist_root(data)
-    from cnds_compiler.train.data import _idx_file  # the same file lookup as training
+    from cnds_compiler.data import _idx_file  # the same file lookup as training
 
     images = read_idx(_idx_file(root, "t10k-images-idx3-ubyte"), 3)[idx]
     labels = read_idx(_idx_file(root, "t10k-labels-idx1-ubyte"), 1)[idx].astype(np.int64)

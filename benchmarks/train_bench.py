@@ -67,7 +67,7 @@ def time_pair(spec_a: str, spec_b: str, batch: int, reps: int) -> dict:
 
 
 def loader_vs_training(batch: int, workers: int, images: int, train_reps: int) -> dict:
-    from cnds_compiler.train.data import load_source, make_loader
+    from cnds_compiler.data import load_source, make_loader
     from cnds_compiler.train.synthetic import make_imagefolder
 
     net = compile_spec(SPECS / "imagenet_cnds8.cnds")

@@ -128,22 +128,37 @@ class Param:
 
 @dataclass(frozen=True, slots=True)
 class BlockDef:
+    """``block NAME(params) = op op ...`` (``body``: a chain, inlined where used) or
+    ``block NAME(params) { statements }`` (``graph``: a small graph whose input is ``in``)."""
+
     name: str
     params: tuple[Param, ...]
     body: tuple[Call, ...]
     span: Span
     name_span: Span
+    graph: tuple[LayerDef, ...] | None = None
+
+    @property
+    def is_graph(self) -> bool:
+        return self.graph is not None
 
 
 @dataclass(frozen=True, slots=True)
 class LayerDef:
-    """``label: op op ...``; ``repeat`` holds the suffixes of ``conv3_{1,2}`` (``("1", "2")``)."""
+    """``label: [sources ->] op op ... [if cond]``.
+
+    ``repeat`` holds the suffixes of ``conv3_{1,2}`` (``("1", "2")``; ``layer1.{0,1}`` gives ``(".0", ".1")``).
+    ``sources`` are the explicit inputs (``None``: the previous statement's value). A statement whose
+    ``condition`` is zero is the identity on its one input.
+    """
 
     name: str
     repeat: tuple[str, ...] | None
     ops: tuple[Call, ...]
     span: Span
     name_span: Span
+    sources: tuple[tuple[str, Span], ...] | None = None
+    condition: Expr | None = None
 
     def names(self) -> tuple[str, ...]:
         if self.repeat is None:
@@ -157,6 +172,8 @@ class Supervise:
     settings: tuple[Setting, ...]
     layers: tuple[LayerDef, ...]
     span: Span
+    head: tuple[str, Span] | None = None
+    """``as NAME``: the head's own name (default: the tap's)."""
 
 
 @dataclass(frozen=True, slots=True)

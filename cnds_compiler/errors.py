@@ -174,3 +174,41 @@ def report(error: CndsError, show_traceback: bool = False) -> int:
 
     print(error.render(), file=sys.stderr)
     return 1
+
+
+class SpecWarning(UserWarning):
+    """Something legal but probably unintended (a value nothing uses); issued with :func:`warnings.warn`.
+
+    ``str()`` is the one-line headline; :meth:`render` adds the source line and caret, as errors do.
+    """
+
+    def __init__(self, message: str, span: Span | None = None, *, hint: str | None = None) -> None:
+        self.diagnostic = CndsError(message, span, hint=hint)
+        self.diagnostic.kind = "warning"
+        super().__init__(self.diagnostic.headline())
+
+    def render(self) -> str:
+        return self.diagnostic.render()
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=None):
+    """Print a :class:`SpecWarning` as ``file:line:col: warning: ...`` with its caret, like errors; other
+    warnings as Python does."""
+    if isinstance(message, SpecWarning):
+        import sys
+
+        print(message.render(), file=file if file is not None else sys.stderr)
+        return
+    _default(message, category, filename, lineno, file, line)
+
+
+def install_warning_format() -> None:
+    """Make Python's warning display render spec warnings the way errors render (done once, on import)."""
+    import functools
+    import warnings
+
+    if getattr(warnings.showwarning, "_cnds", False):
+        return
+    show = functools.partial(_show_warning, _default=warnings.showwarning)
+    show._cnds = True  # type: ignore[attr-defined]
+    warnings.showwarning = show

@@ -1,13 +1,13 @@
-"""Spec file → checked IR: parse, expand, run the pass pipeline. Pure Python: never imports torch."""
+"""Spec file → checked IR: parse, lower to the IR graph, run the pass pipeline. Pure Python: never imports torch."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from .ir import Network
+from .lang.lower import lower
 from .parser import parse_file, parse_text
-from .passes import DEFAULT_PIPELINE, PassCallback, PassPipeline
-from .passes.expand import expand
+from .passes import DEFAULT_PIPELINE, LOWER_STAGE, PassCallback, PassPipeline
 
 
 def compile_spec(
@@ -16,12 +16,14 @@ def compile_spec(
     passes=DEFAULT_PIPELINE,
     callback: PassCallback | None = None,
 ) -> Network:
-    """Parse ``path`` (following ``extends``), expand it and run ``passes``; return the checked IR."""
+    """Parse ``path`` (following ``extends``), lower it to the IR graph and run ``passes``; return the
+    checked IR. The lowering runs under ``callback`` too, as the stage ``lower``."""
     spec = parse_file(path)
-    return PassPipeline.from_names(passes, callback).apply(expand(spec, path))
+    pipeline = PassPipeline.from_names(passes, callback)
+    return pipeline.apply(pipeline.run_stage(LOWER_STAGE, lambda: lower(spec, path)))
 
 
 def compile_text(text: str, name: str = "<spec>", *, base_dir: str | Path = ".") -> Network:
     """Like :func:`compile_spec` for text in memory; ``extends`` resolves against ``base_dir``."""
     spec = parse_text(text, name)
-    return PassPipeline.from_names(DEFAULT_PIPELINE).apply(expand(spec, Path(base_dir) / Path(name).name))
+    return PassPipeline.from_names(DEFAULT_PIPELINE).apply(lower(spec, Path(base_dir) / Path(name).name))

@@ -1,9 +1,12 @@
 """The typed IR of a network: frozen dataclasses, tuples, an enum of ops, spans on every node.
 
-A :class:`Network` is the whole model: a trunk of :class:`Layer` s (each one or more :class:`Op` s that
-run in order) and any number of supervision :class:`Branch` es tapped off trunk layers. Shapes, parameter
-counts and FLOPs are typed fields filled in by the passes; a node that exists is well formed
-(``__post_init__`` checks its own invariants; whole-graph invariants live in ``passes.verify``).
+A :class:`Network` is a graph: :class:`Node` s that each define one value and name the earlier values they
+read (SSA style, as torch.fx and xDSL), and :class:`Head` s — the main classifier first, then any number of
+supervision branches, each with its loss and weight schedule. The trunk/branch split of the paper is
+computed from the heads (:meth:`Network.main_nodes`); :attr:`Network.trunk` and :attr:`Network.branches`
+are views grouped by spec statement. Shapes, parameter counts and FLOPs are typed fields filled in by the
+passes; a node that exists is well formed (``__post_init__`` checks its own invariants; whole-graph
+invariants live in ``passes.verify``).
 """
 
 from __future__ import annotations
@@ -11,11 +14,16 @@ from __future__ import annotations
 import enum
 import hashlib
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 from .source import Span
 
-IR_VERSION = 1
-"""Version of the serialised IR (and of ``schema/ir-v1.json``)."""
+IR_VERSION = 2
+"""Version of the serialised IR (and of ``schema/ir-v2.json``); v1 files still load."""
+INPUT_NODE = "input"
+"""Name of the input node."""
+MAIN_HEAD = "main"
+"""Name of the main head (the network's own classifier)."""
 
 
 class OpKind(enum.Enum):
@@ -28,6 +36,12 @@ class OpKind(enum.Enum):
     BATCHNORM = "batchnorm"
     GAP = "gap"
     LINEAR = "linear"
+    INPUT = "input"
+    """The network's input image batch (one per graph, first)."""
+    CONCAT = "concat"
+    """Channel-axis concatenation of two or more feature maps of equal HxW."""
+    ADD = "add"
+    """Elementwise sum of two or more values of equal shape (residual connections)."""
 
     @property
     def has_params(self) -> bool:
@@ -189,20 +203,32 @@ ATTRS_OF_KIND: dict[OpKind, type] = {
     OpKind.BATCHNORM: BatchNormAttrs,
     OpKind.GAP: NoAttrs,
     OpKind.LINEAR: LinearAttrs,
+    OpKind.INPUT: NoAttrs,
+    OpKind.CONCAT: NoAttrs,
+    OpKind.ADD: NoAttrs,
 }
+MULTI_INPUT = frozenset({OpKind.CONCAT, OpKind.ADD})
+"""Kinds that read two or more values."""
 
 
 @dataclass(frozen=True, slots=True)
-class Op:
-    """One primitive operation; ``name`` is its module name (``conv1``, ``conv1_relu``)."""
+class Node:
+    """One value of the graph: an op applied to earlier values (SSA style, as torch.fx / xDSL).
+
+    ``name`` is the value, the module path (branch-only nodes sit under ``aux.``) and the ONNX tensor name.
+    """
 
     name: str
     kind: OpKind
     attrs: OpAttrs
+    inputs: tuple[str, ...]
+    """Names of the nodes it reads, all defined earlier in :attr:`Network.nodes`."""
     span: Span
-    """Where the op is used in the spec (the layer's call, also when the op came from a block)."""
+    """Where the op is used in the spec (the statement's call, also when the op came from a block)."""
+    group: str = ""
+    """The top-level statement it came from (summary rows, diagram boxes, ``feature_info``)."""
     in_shape: Shape | None = None
-    """Filled in by ``infer-shapes``."""
+    """Shape of the first input; filled in by ``infer-shapes``."""
     out_shape: Shape | None = None
     """Filled in by ``infer-shapes``."""
     params: int | None = None
@@ -214,14 +240,39 @@ class Op:
     def __post_init__(self) -> None:
         if not isinstance(self.attrs, ATTRS_OF_KIND[self.kind]):
             raise TypeError(f"{self.kind.value} op needs {ATTRS_OF_KIND[self.kind].__name__}")
+        if self.kind is OpKind.INPUT:
+            if self.inputs:
+                raise ValueError("the input node reads nothing")
+        elif self.kind in MULTI_INPUT:
+            if len(self.inputs) < 2:
+                raise ValueError(f"{self.kind.value} needs at least two inputs")
+        elif len(self.inputs) != 1:
+            raise ValueError(f"{self.kind.value} reads exactly one input")
+
+
+Op = Node
+"""The IR v1 name of a node (an op of a layer)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Statement:
+    """A named statement of the spec and the node that is its value (``conv3_2`` → ``conv3_2_relu``)."""
+
+    name: str
+    """Qualified: ``inception_4a``, ``inception_4a.b3`` (inside a block instance), ``loss1.fc`` (a head's)."""
+    output: str
+    """Node whose value the name stands for."""
+    span: Span
+    top: bool = True
+    """A statement of the spec itself rather than of a block's body."""
 
 
 @dataclass(frozen=True, slots=True)
 class Layer:
-    """A named statement of the spec; its output is its last op's output."""
+    """A view: the nodes of one top-level statement, in order (a summary row, a diagram box)."""
 
     name: str
-    ops: tuple[Op, ...]
+    ops: tuple[Node, ...]
     span: Span
 
     def __post_init__(self) -> None:
@@ -247,6 +298,11 @@ class Layer:
     @property
     def is_conv(self) -> bool:
         return any(op.kind is OpKind.CONV2D for op in self.ops)
+
+    @property
+    def is_chain(self) -> bool:
+        """Each node reads the one before it (a layer of a chain spec)."""
+        return all(op.inputs == (prev.name,) for prev, op in zip(self.ops, self.ops[1:], strict=False))
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,21 +330,33 @@ class WeightSchedule:
 
 
 @dataclass(frozen=True, slots=True)
-class Branch:
-    """A supervision point: a small network on a trunk layer's output with its own loss."""
+class Head:
+    """A classifier output with its loss: the main head first, then the supervision branches (data, not code)."""
 
     name: str
-    """Unique branch name; the tap's layer name unless several branches share a tap."""
+    """``main`` for the network's own classifier; a branch's name (its tap, or ``supervise X as NAME``)."""
+    node: str
+    """The node whose output is this head's logits."""
+    loss: LossKind
+    schedule: WeightSchedule
+    """α per epoch (the main head's is the constant 1)."""
+    span: Span
+    tap: str | None = None
+    """Node a supervision branch reads (its supervision point); ``None`` for the main head."""
+
+
+@dataclass(frozen=True, slots=True)
+class Branch:
+    """A view of one supervision head: the nodes only supervision heads need that it needs, grouped by
+    statement; the groups carry the branch's own statement names (``fc1``; its nodes: ``conv3_2.fc1``)."""
+
+    name: str
     tap: str
-    """Name of the trunk layer whose output feeds the branch."""
+    """Name of the value (statement) whose output feeds the branch."""
     loss: LossKind
     schedule: WeightSchedule
     layers: tuple[Layer, ...]
     span: Span
-
-    def __post_init__(self) -> None:
-        if not self.layers:
-            raise ValueError(f"branch {self.name} has no layers")
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,20 +401,30 @@ class DataConfig:
     """Random horizontal flips in training."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)  # not slots: lookups are cached per instance (cached_property needs __dict__)
 class Network:
+    """The whole model: a graph of :class:`Node` s in topological order and its :class:`Head` s.
+
+    Which nodes belong to the trunk (ancestors of the main head) and which only to supervision branches is
+    computed (:meth:`main_nodes`, :meth:`head_nodes`), never stored.
+    """
+
     name: str
     input: Shape
     num_classes: int
     class_names: tuple[str, ...]
     """Empty when the spec gives only a count."""
-    trunk: tuple[Layer, ...]
-    branches: tuple[Branch, ...]
+    nodes: tuple[Node, ...]
+    """The input node first; every node's inputs come earlier (``verify`` checks it)."""
+    heads: tuple[Head, ...]
+    """The main head first, then one per supervision branch (none in a network pruned to features)."""
+    statements: tuple[Statement, ...]
+    """The spec's names for values, in spec order (a statement's name is its output's)."""
     train: TrainConfig
     data: DataConfig
     span: Span
     """The ``network`` statement (or the file start)."""
-    sources: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    sources: tuple[tuple[str, str], ...] = field(default=(), repr=False, compare=False)
     """(file name, text) of every file the spec was built from, root first."""
 
     def __post_init__(self) -> None:
@@ -354,8 +432,116 @@ class Network:
             raise ValueError("input must be CxHxW")
         if self.class_names and len(self.class_names) != self.num_classes:
             raise ValueError("class names do not match the class count")
+        if self.heads and self.heads[0].name != MAIN_HEAD:
+            raise ValueError("the main head comes first")  # no head at all: a pruned feature extractor
 
     # ---- lookups -------------------------------------------------------------------------------
+    @cached_property
+    def _by_name(self) -> dict[str, Node]:
+        return {n.name: n for n in self.nodes}
+
+    @cached_property
+    def _values(self) -> dict[str, str]:
+        return {st.name: st.output for st in self.statements}
+
+    @cached_property
+    def _main_nodes(self) -> frozenset[str]:
+        if not self.heads:  # a feature extractor pruned to chosen values: all of it is trunk
+            return frozenset(self._by_name)
+        return self.ancestors([self.main.node])
+
+    def node(self, name: str) -> Node:
+        return self._by_name[name]
+
+    def has_node(self, name: str) -> bool:
+        return name in self._by_name
+
+    def resolve(self, name: str) -> str:
+        """Node name of a value name: a statement's name stands for its output, else a node's name."""
+        if name in self._values:
+            return self._values[name]
+        if name in self._by_name:
+            return name
+        stage = [st.output for st in self.statements if st.top and st.name.startswith(name + ".")]
+        if stage:  # `layer3` stands for its last statement (layer3.1), as in the spec language
+            return stage[-1]
+        raise KeyError(name)
+
+    @property
+    def main(self) -> Head:
+        return self.heads[0]
+
+    @property
+    def supervision_heads(self) -> tuple[Head, ...]:
+        return self.heads[1:]
+
+    def head(self, name: str) -> Head:
+        for h in self.heads:
+            if h.name == name:
+                return h
+        raise KeyError(name)
+
+    def ancestors(self, names) -> frozenset[str]:
+        """The named nodes and every node they read, transitively."""
+        seen: set[str] = set()
+        stack = list(names)
+        while stack:
+            n = stack.pop()
+            if n not in seen:
+                seen.add(n)
+                stack.extend(self._by_name[n].inputs)
+        return frozenset(seen)
+
+    def main_nodes(self) -> frozenset[str]:
+        """Nodes the main head needs (the trunk), the input node included."""
+        return self._main_nodes
+
+    def head_nodes(self, head: Head) -> tuple[Node, ...]:
+        """Nodes only supervision heads need that ``head`` needs, in graph order."""
+        own = self.ancestors([head.node]) - self.main_nodes()
+        return tuple(n for n in self.nodes if n.name in own)
+
+    def users(self) -> dict[str, tuple[str, ...]]:
+        """Node name → names of the nodes that read it (heads not counted)."""
+        result: dict[str, list[str]] = {n.name: [] for n in self.nodes}
+        for n in self.nodes:
+            for i in n.inputs:
+                result[i].append(n.name)
+        return {k: tuple(v) for k, v in result.items()}
+
+    def groups(self, nodes) -> tuple[Layer, ...]:
+        """``nodes`` grouped by statement, in order (the input node left out)."""
+        spans = {st.name: st.span for st in self.statements}
+        order: dict[str, list[Node]] = {}
+        for n in nodes:
+            if n.kind is not OpKind.INPUT:
+                order.setdefault(n.group, []).append(n)
+        return tuple(Layer(g, tuple(ns), spans.get(g, ns[0].span)) for g, ns in order.items())
+
+    # ---- views of a chain-or-graph network ---------------------------------------------------------
+    @property
+    def trunk(self) -> tuple[Layer, ...]:
+        """The main head's nodes grouped by statement."""
+        main = self.main_nodes()
+        return self.groups(n for n in self.nodes if n.name in main)
+
+    @property
+    def branches(self) -> tuple[Branch, ...]:
+        """One view per supervision head: the nodes only supervision heads need, by statement."""
+        return tuple(
+            Branch(h.name, self.tap_name(h), h.loss, h.schedule,
+                   tuple(replace(g, name=g.name.removeprefix(h.name + ".")) for g in self.groups(self.head_nodes(h))),
+                   h.span)
+            for h in self.supervision_heads
+        )
+
+    def tap_name(self, head: Head) -> str:
+        """The value name of a head's tap (the statement whose output it is, else the node's name)."""
+        for st in self.statements:
+            if st.output == head.tap and st.top:
+                return st.name
+        return head.tap or ""
+
     def layer(self, name: str) -> Layer:
         for layer in self.trunk:
             if layer.name == name:
@@ -376,36 +562,58 @@ class Network:
 
     @property
     def shapes_known(self) -> bool:
-        return all(op.out_shape is not None for layer in self.all_layers() for op in layer.ops)
+        return all(n.out_shape is not None for n in self.nodes)
 
     def all_layers(self):
         yield from self.trunk
         for b in self.branches:
             yield from b.layers
 
+    def prune(self, keep) -> Network:
+        """Only the nodes the named nodes need; heads whose logits are dropped go too (dead-code elimination)."""
+        live = self.ancestors(keep)
+        nodes = tuple(n for n in self.nodes if n.name in live)
+        heads = tuple(h for h in self.heads if h.node in live)
+        statements = tuple(st for st in self.statements if st.output in live)
+        return replace(self, nodes=nodes, heads=heads, statements=statements)
+
     def without_branches(self) -> Network:
-        """The deploy network: the same trunk, no supervision branch."""
-        return replace(self, branches=())
+        """The deploy network: the nodes the main head needs, no supervision head."""
+        return self.prune([self.main.node])
 
     def digest(self) -> str:
-        """Hash of the architecture: input, classes, and every op's kind, settings and shapes.
+        """Hash of the architecture: input, classes, every node's kind, settings, inputs and shapes, and
+        which nodes the heads read.
 
-        Names, initialisation, solver settings and spans are left out: weights fit a network exactly when
-        the digests agree, so renaming it, changing its ``init`` or editing ``train { }`` keeps a run's
-        checkpoints usable (``fmnist_cnn8`` weights load into ``fmnist_cnn8_gauss``).
+        Initialisation, losses, schedules, solver settings and spans are left out: weights fit a network
+        exactly when the digests agree, so renaming it, changing its ``init`` or editing ``train { }`` keeps
+        a run's checkpoints usable (``fmnist_cnn8`` weights load into ``fmnist_cnn8_gauss``).
         """
         import json
 
-        from .serialize import to_json_dict  # local: serialize imports this module
+        def attrs(node: Node) -> dict:
+            doc = plain_value(node.attrs)
+            if "init" in doc:  # how weights start is not architecture; whether there is a bias is
+                doc = {k: v for k, v in doc.items() if k != "init"} | {"bias": doc["init"]["bias"] is not None}
+            return doc
 
-        doc = to_json_dict(self, include_sources=False, include_spans=False)
-
-        def architecture(node):
-            if isinstance(node, dict):
-                return {k: architecture(v) for k, v in node.items() if k not in ("init", "schedule", "loss")}
-            if isinstance(node, list):
-                return [architecture(v) for v in node]
-            return node
-
-        arch = architecture({k: doc[k] for k in ("input", "num_classes", "trunk", "branches")})
+        arch = {
+            "input": list(self.input.dims),
+            "num_classes": self.num_classes,
+            "nodes": [[n.name, n.kind.value, attrs(n), list(n.inputs), plain_value(n.out_shape)] for n in self.nodes],
+            "heads": [[h.name, h.node] for h in self.heads],
+        }
         return hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def plain_value(value):
+    """Dataclass/enum/tuple → JSON-ready value, field by field (what the IR JSON and the digest are made of)."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, Shape):
+        return list(value.dims)
+    if isinstance(value, tuple):
+        return [plain_value(v) for v in value]
+    if hasattr(value, "__dataclass_fields__"):
+        return {f: plain_value(getattr(value, f)) for f in value.__dataclass_fields__}
+    return value

@@ -118,7 +118,9 @@ class _ToAst(Transformer):
     def block_def(self, meta, name, *rest):
         params = tuple(r for r in rest if isinstance(r, ast.Param))
         body = tuple(r for r in rest if isinstance(r, ast.Call))
-        return ast.BlockDef(str(name), params, body, self._s(meta), self._s(name))
+        graph = tuple(r for r in rest if isinstance(r, ast.LayerDef))
+        is_graph = not body  # `= call+` always has a call; `{ ... }` has none
+        return ast.BlockDef(str(name), params, body, self._s(meta), self._s(name), graph if is_graph else None)
 
     def rep_item(self, meta, first, last):
         if last is None:
@@ -130,22 +132,39 @@ class _ToAst(Transformer):
             raise _RangeError(self._s(meta), f"repetition range {lo}..{hi} makes more than {MAX_REPEAT} layers")
         return tuple(str(i) for i in range(lo, hi + 1))
 
-    def label(self, meta, name, *reps):
-        suffixes = tuple(s for r in reps if r is not None for s in r)
-        return (str(name), suffixes or None, self._s(name))
+    def repeat(self, meta, *items):
+        return tuple(s for r in items for s in r)
 
-    def layer(self, meta, label, *ops):
+    def repeat_dotted(self, meta, *items):
+        return tuple("." + s for r in items for s in r)
+
+    def label(self, meta, name, suffixes):
+        return (str(name), suffixes, self._s(name))
+
+    def sources(self, meta, *names):
+        return tuple((str(n), self._s(n)) for n in names)
+
+    def condition(self, meta, expr):
+        return expr
+
+    def layer(self, meta, label, sources, *rest):
         name, repeat, name_span = label
-        return ast.LayerDef(name, repeat, tuple(ops), self._s(meta), name_span)
+        ops = tuple(r for r in rest if isinstance(r, ast.Call))
+        condition = rest[-1] if rest and not isinstance(rest[-1], ast.Call) else None
+        return ast.LayerDef(name, repeat, ops, self._s(meta), name_span, sources, condition)
 
     def setting(self, meta, key, value):
         return ast.Setting(str(key), value, self._s(meta), self._s(key))
+
+    def head_name(self, meta, name):
+        return ("as", str(name), self._s(name))
 
     def supervise(self, meta, *items):
         taps = tuple((str(t), self._s(t)) for t in items if isinstance(t, Token))
         settings = tuple(i for i in items if isinstance(i, ast.Setting))
         layers = tuple(i for i in items if isinstance(i, ast.LayerDef))
-        return ast.Supervise(taps, settings, layers, self._s(meta))
+        head = next(((i[1], i[2]) for i in items if isinstance(i, tuple) and i and i[0] == "as"), None)
+        return ast.Supervise(taps, settings, layers, self._s(meta), head)
 
     def unsupervise(self, meta, *taps):
         return ast.Unsupervise(tuple((str(t), self._s(t)) for t in taps), self._s(meta))
@@ -233,7 +252,7 @@ _TERMINAL_WORDS = {
     "NAME": "a name", "NUMBER": "a number", "INT": "an integer", "STRING": "a quoted string",
     "SHAPE": "a shape such as 3x227x227", "_NL": "end of line", "LPAR": "'('", "RPAR": "')'",
     "LBRACE": "'{'", "RBRACE": "'}'", "LSQB": "'['", "RSQB": "']'", "COLON": "':'", "COMMA": "','",
-    "EQUAL": "'='", "MINUS": "'-'", "PLUS": "'+'", "STAR": "'*'", "SLASH": "'/'", "$END": "end of file",
+    "EQUAL": "'='", "MINUS": "'-'", "__ANON_0": "'->'", "PLUS": "'+'", "STAR": "'*'", "SLASH": "'/'", "$END": "end of file",
 }
 
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from .ir import Layer, Network, Op, OpKind
+from .ir import Layer, Network, Node, OpKind
 
 
-def describe_op(op: Op) -> str:
+def describe_op(op: Node) -> str:
     """Short text of one op, e.g. ``conv2d 64 7x7/2 p1``."""
     a = op.attrs
     if op.kind is OpKind.CONV2D:
@@ -20,11 +20,17 @@ def describe_op(op: Op) -> str:
         return f"linear {a.out_features}"
     if op.kind is OpKind.DROPOUT:
         return f"dropout {a.p:g}"
+    if op.kind in (OpKind.CONCAT, OpKind.ADD):
+        return f"{op.kind.value} of {len(op.inputs)}"
     return op.kind.value
 
 
 def describe_layer(layer: Layer) -> str:
-    return " + ".join(describe_op(op) for op in layer.ops)
+    """``conv2d 64 7x7/2 p1 + relu`` for a chain of ops; the call as written for a graph block instance."""
+    if layer.is_chain:
+        return " + ".join(describe_op(op) for op in layer.ops)
+    text = layer.span.text.split(":", 1)[-1].split("#")[0].strip()
+    return f"{text}  [{len(layer.ops)} ops]"
 
 
 def _row(cells: list[str], widths: list[int]) -> str:

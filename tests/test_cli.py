@@ -148,7 +148,7 @@ def test_emit_ir_writes_schema_valid_json_that_reads_back(capsys, tmp_path):
     assert code == 0 and err == "" and out == f"wrote {out_file}\n"
     doc = json.loads(out_file.read_text())
     jsonschema.Draft202012Validator(schema()).validate(doc)
-    assert doc["name"] == "digits_cnds8" and [b["tap"] for b in doc["branches"]] == ["conv3_2"]
+    assert doc["name"] == "digits_cnds8" and [h["tap"] for h in doc["heads"][1:]] == ["conv3_2_relu"]
 
     code, from_ir, err = run_cli(capsys, out_file)
     assert code == 0 and err == ""
@@ -160,17 +160,17 @@ def test_emit_ir_writes_schema_valid_json_that_reads_back(capsys, tmp_path):
 
 def test_emit_ir_to_stdout_is_json(capsys):
     code, out, _ = run_cli(capsys, DIGITS, "--emit", "ir")
-    assert code == 0 and json.loads(out)["ir_version"] == 1
+    assert code == 0 and json.loads(out)["ir_version"] == 2
 
 
 def test_broken_ir_file_is_reported(capsys, tmp_path):
     path = tmp_path / "broken.json"
     doc = json.loads(compile_main_ir(capsys))
-    doc["trunk"][0]["ops"][0]["kind"] = "conv3d"
+    doc["nodes"][1]["kind"] = "conv3d"
     path.write_text(json.dumps(doc))
     code, _, err = run_cli(capsys, path)
     assert code == 1
-    assert err.startswith(f"{path}: invalid IR: 1 schema violation(s): $.trunk[0].ops[0].kind: 'conv3d'")
+    assert err.startswith(f"{path}: invalid IR: 1 schema violation(s): $.nodes[1].kind: 'conv3d'")
 
 
 def compile_main_ir(capsys) -> str:
@@ -189,7 +189,7 @@ def test_dot_has_a_dashed_red_cluster_per_branch(capsys, write):
     assert [name for name, _ in clusters] == ["conv1", "conv2"]
     for name, body in clusters:
         assert "style=dashed; color=red;" in body
-        assert f"t_{name} -> b_{name}_" in body  # hangs off its tap
+        assert f"t_{name} -> b_{name}_" in dot and f"t_{name} " not in body  # hangs off its tap, drawn outside
     assert "supervision branch on conv2 (hinge, α₀=0.3)" in dot
     assert dot.count("subgraph cluster_") == 2 and dot.rstrip().endswith("}")
 
@@ -219,8 +219,8 @@ def _timed_passes(err: str) -> list[str]:
 def test_time_passes_lists_every_pass(capsys):
     code, _, err = run_cli(capsys, DIGITS, "--time-passes")
     assert code == 0
-    assert _timed_passes(err) == list(DEFAULT_PIPELINE)
-    assert set(DEFAULT_PIPELINE) == set(get_all_passes())
+    assert _timed_passes(err) == ["lower", *DEFAULT_PIPELINE]
+    assert set(get_all_passes()) - set(DEFAULT_PIPELINE) == {"prune"}  # prune runs on request (deploy)
 
 
 def test_time_passes_on_ir_input_times_the_read(capsys, tmp_path):
@@ -236,7 +236,7 @@ def test_pass_subset_runs_only_those(capsys, write):
                  "fc3: linear(classes)\nsupervise fc2 {\n  fc: linear(classes)\n}\n")
     code, out, err = run_cli(capsys, spec, "-p", "verify,infer-shapes", "--time-passes")
     assert code == 0, err
-    assert _timed_passes(err) == ["verify", "infer-shapes"]
+    assert _timed_passes(err) == ["lower", "verify", "infer-shapes"]  # the lowering stage is timed too
     assert out == "late: checked (3 layers, 1 branches)\n"
     with pytest.raises(SupervisionError) as info:
         compile_main([str(spec), "--traceback"])
@@ -246,15 +246,16 @@ def test_pass_subset_runs_only_those(capsys, write):
 def test_print_between_passes(capsys):
     code, out, _ = run_cli(capsys, DIGITS, "-p", "verify,infer-shapes", "--print-between-passes")
     assert code == 0
-    assert re.findall(r"^// ---- IR after ([\w-]+) ----$", out, re.M) == ["verify", "infer-shapes"]
-    after_verify = out.split("// ---- IR after infer-shapes ----")[0].split("\n", 1)[1]
-    assert json.loads(after_verify)["trunk"][0]["ops"][0]["out_shape"] is None
+    assert re.findall(r"^// ---- IR after ([\w-]+) ----$", out, re.M) == ["lower", "verify", "infer-shapes"]
+    after_verify = out.split("// ---- IR after infer-shapes ----")[0].split("// ---- IR after verify ----")[1]
+    after_verify = after_verify.split("\n", 1)[1]
+    assert json.loads(after_verify)["nodes"][1]["out_shape"] is None
 
 
 @pytest.mark.parametrize(
     "passes, message",
     [
-        ("verify,nope", r"unknown pass 'nope' \(passes: verify, check-supervision, infer-shapes, count-costs\)"),
+        ("verify,nope", r"unknown pass 'nope' \(passes: verify, check-supervision, infer-shapes, count-costs, prune\)"),
         ("count-costs", r"pass 'count-costs' needs 'infer-shapes' to run before it"),
         ("infer-shapes", r"pass 'infer-shapes' needs 'verify' to run before it"),
     ],

@@ -14,9 +14,7 @@ import torch
 import torch.nn.functional as nnf
 
 from cnds_compiler import compile_spec
-from cnds_compiler.errors import DataError
-from cnds_compiler.ir import DataConfig, Shape
-from cnds_compiler.train.data import (
+from cnds_compiler.data import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_DIR,
     EpochSampler,
@@ -26,6 +24,8 @@ from cnds_compiler.train.data import (
     load_source,
     make_loader,
 )
+from cnds_compiler.errors import DataError
+from cnds_compiler.ir import DataConfig, Shape
 from cnds_compiler.train.synthetic import class_name, make_imagefolder
 
 from .conftest import SPECS

@@ -311,7 +311,7 @@ def test_duplicate_layer_notes_first_definition():
         (HEAD + "classes 3\nc: linear(2)\n", 4, 1, r"'classes' given twice", 3),
         (HEAD + "c_{1,1}: relu\nf: linear(2)\n", 4, 1, r"layer 'c_1' defined twice", 4),
         (HEAD + "conv1: conv2d(4, 3) relu\nconv1_relu: relu\nf: linear(2)\n", 5, 1,
-         r"'conv1_relu' is used twice in the trunk", 4),
+         r"the name 'conv1_relu' is defined twice", 4),
         (HEAD + "c: conv2d(4, 3)\nf: linear(2)\nsupervise c {\n  g: linear(2)\n}\nsupervise c {\n  g: linear(2)\n}\n",
          9, 11, r"'c' is already supervised", 6),
         (HEAD + "block b(x) = relu\nblock b(y) = relu\nc: linear(2)\n", 5, 7, r"block 'b' defined twice", 4),
@@ -514,16 +514,16 @@ def check_ir_error(doc_or_text, message_regex: str, name: str = "x.json") -> IRF
 
 
 def test_ir_schema_violations_report_json_paths(ir_doc):
-    ir_doc["trunk"][0]["ops"][0]["kind"] = "conv3d"
+    ir_doc["nodes"][1]["kind"] = "conv3d"
     ir_doc["num_classes"] = "ten"
     e = check_ir_error(ir_doc, r"^2 schema violation\(s\): ")
     assert "$.num_classes: 'ten' is not of type 'integer'" in e.message
-    assert "$.trunk[0].ops[0].kind: 'conv3d' is not one of" in e.message
+    assert "$.nodes[1].kind: 'conv3d' is not one of" in e.message
 
 
 def test_ir_missing_field(ir_doc):
-    del ir_doc["branches"][0]["tap"]
-    check_ir_error(ir_doc, r"\$\.branches\[0\]: 'tap' is a required property")
+    del ir_doc["heads"][1]["tap"]
+    check_ir_error(ir_doc, r"\$\.heads\[1\]: 'tap' is a required property")
 
 
 def test_ir_not_json():
@@ -531,13 +531,13 @@ def test_ir_not_json():
 
 
 def test_ir_span_outside_its_source(ir_doc):
-    ir_doc["trunk"][0]["span"] = [0, 5, 10**6]
+    ir_doc["nodes"][1]["span"] = [0, 5, 10**6]
     check_ir_error(ir_doc, r"inconsistent IR: span 5\.\.1000000 outside")
 
 
 def test_ir_errors_after_reload_point_at_spec_lines(ir_doc):
     # a reloaded IR keeps the spec text, so a later pass still reports file:line:col
-    ir_doc["branches"][0]["tap"] = "conv9"
+    ir_doc["heads"][1]["tap"] = "conv9"
     net = loads(json.dumps(ir_doc), "x.json")
     from cnds_compiler.passes import DEFAULT_PIPELINE, PassPipeline
 

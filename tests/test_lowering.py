@@ -19,6 +19,7 @@ from onnx import TensorProto, numpy_helper
 
 from cnds_compiler import __version__, compile_spec
 from cnds_compiler.backends.pytorch import AUX_PREFIX, CndsNet, build_module
+from cnds_compiler.checkpoint import save_checkpoint
 from cnds_compiler.cli import compile_main
 from cnds_compiler.errors import CheckpointError, ExportError, UnknownNameError, UnsupportedError
 from cnds_compiler.ir import Network
@@ -29,7 +30,6 @@ from cnds_compiler.lowering.onnx_export import (
     make_metadata,
     prove_no_branches,
 )
-from cnds_compiler.train.checkpoint import save_checkpoint
 
 from .conftest import SPECS, shipped_specs
 
@@ -124,6 +124,9 @@ def test_trunk_parity_every_shipped_spec(specs: list[Path], tmp_path: Path):
     report = export_onnx(net, out, weights=state)
     assert report.parity.ok and report.parity.max_abs_diff <= 1e-4 * max(1.0, report.parity.max_abs_ref)
     assert report.proof.weight_ops[0] == report.proof.weight_ops[1]
+    # every branch removed, and every branch weight compared byte for byte with the graph's initializers
+    assert report.proof.branches == tuple(h.name for h in net.supervision_heads)
+    assert report.proof.tensors_compared == sum(1 for k, v in state.items() if k.startswith(AUX_PREFIX) and v.dim() >= 2)
     x = torch.randn(2, *net.input.dims, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         ref = torch_reference(net, state)(x).logits.numpy()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import paper
-from cnds_compiler.train.data import FASHION_MNIST_DIR
+from cnds_compiler.data import FASHION_MNIST_DIR
 
 from .conftest import ROOT
 
@@ -66,8 +66,8 @@ def test_page_numbers_come_from_the_runs(fast_run):
 
     from cnds_compiler import compile_spec
     from cnds_compiler.backends.pytorch import build_module
-    from cnds_compiler.train.checkpoint import load_checkpoint
-    from cnds_compiler.train.data import load_source, make_loader
+    from cnds_compiler.checkpoint import load_checkpoint
+    from cnds_compiler.data import load_source, make_loader
     from cnds_compiler.train.trainer import evaluate
 
     res, text = fast_run["results"], fast_run["text"]

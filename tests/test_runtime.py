@@ -132,7 +132,7 @@ def test_preprocessing_matches_torchvision(channels, resize, crop, mean, std, im
 
 def test_preprocessing_equals_training_eval_transform(images):
     """The image-folder dataset of cnds-train, in evaluation mode, gives the same tensors (same PIL ops)."""
-    from cnds_compiler.train.data import ImageFolderDataset
+    from cnds_compiler.data import ImageFolderDataset
 
     files = [str(images[n]) for n in ("a.png", "b.jpg", "sub/c.png", "d.bmp")]
     for c, resize, crop, mean, std in [(3, (64, 64), (56, 56), (0.4, 0.5, 0.6), (0.2, 0.3, 0.25)),

@@ -14,7 +14,7 @@ def test_places_cnds8_paper_shapes():
     assert str(net.layer("pool5").out_shape) == "512x4x4"
     assert net.layer("fc6").in_shape.numel == 8192
     fc1 = net.branch("conv3_2").layers[2]
-    assert fc1.name == "fc1" and fc1.in_shape.numel == 10816
+    assert fc1.name == "fc1" and fc1.ops[0].name == "conv3_2.fc1" and fc1.in_shape.numel == 10816
 
 
 def test_module_forward_backward_cpu():

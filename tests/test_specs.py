@@ -90,7 +90,7 @@ def train_step(net: Network, model) -> dict:
     for b in net.branches:
         for layer in b.layers:
             for op in layer.ops:
-                qualified = f"{AUX_PREFIX}{b.name}.{op.name}"
+                qualified = f"{AUX_PREFIX}{op.name}"
                 hooks.append(model.get_submodule(qualified).register_forward_hook(
                     lambda m, i, o, q=qualified: shapes.__setitem__(q, tuple(o.shape))))
     x = sample_input(net)
@@ -133,7 +133,7 @@ def test_inferred_shapes_match_forward(net: Network, model, train_step):
     for b in net.branches:
         for layer in b.layers:
             for op in layer.ops:
-                assert seen[f"{AUX_PREFIX}{b.name}.{op.name}"] == (BATCH, *op.out_shape.dims), f"{b.name}/{op.name}"
+                assert seen[f"{AUX_PREFIX}{op.name}"] == (BATCH, *op.out_shape.dims), f"{b.name}/{op.name}"
 
 
 def test_ir_json_round_trip(net: Network, model):
@@ -167,10 +167,10 @@ def test_state_dict_names(net: Network, model):
     trunk_ops = {op.name for layer in net.trunk for op in layer.ops}
     for key in keys:
         if key.startswith(AUX_PREFIX):
-            branch, op = key[len(AUX_PREFIX):].split(".")[:2]
-            assert op in {o.name for layer in net.branch(branch).layers for o in layer.ops}, key
+            node = key[len(AUX_PREFIX):].rsplit(".", 1)[0]
+            assert node in {o.name for b in net.branches for layer in b.layers for o in layer.ops}, key
         else:
-            assert key.split(".")[0] in trunk_ops, f"{key} is neither a trunk op nor under {AUX_PREFIX!r}"
+            assert key.rsplit(".", 1)[0] in trunk_ops, f"{key} is neither a trunk op nor under {AUX_PREFIX!r}"
 
     def expected(layers, prefix: str) -> set[str]:
         names = set()
@@ -184,11 +184,11 @@ def test_state_dict_names(net: Network, model):
 
     # the spec's layer names are the trunk's parameter names (conv3_2.weight), branches live under aux.
     for layer in net.trunk:
-        if any(op.kind in PARAM_OPS for op in layer.ops):
+        if layer.is_chain and any(op.kind in PARAM_OPS for op in layer.ops):
             assert f"{layer.name}.weight" in keys
     assert expected(net.trunk, "") <= set(keys)
     for b in net.branches:
-        assert expected(b.layers, f"{AUX_PREFIX}{b.name}.") <= set(keys)
+        assert expected(b.layers, AUX_PREFIX) <= set(keys)
     assert set(model.trunk_state_dict()) == {k for k in keys if not k.startswith(AUX_PREFIX)}
 
     # the module's parameter counts are the IR's
@@ -221,7 +221,8 @@ def expected_weight_std(op) -> float:
 def test_initialisation_follows_spec(net: Network, model):
     """Biases hold the spec's constant; weights of layers large enough to measure have the spec's std."""
     checked = 0
-    for prefix, layers in [("", net.trunk)] + [(f"{AUX_PREFIX}{b.name}.", b.layers) for b in net.branches]:
+    largest = max(p.numel() for name, p in model.named_parameters() if name.endswith("weight") and p.dim() > 1)
+    for prefix, layers in [("", net.trunk)] + [(AUX_PREFIX, b.layers) for b in net.branches]:
         for layer in layers:
             for op in layer.ops:
                 if op.kind not in PARAM_OPS:
@@ -233,9 +234,10 @@ def test_initialisation_follows_spec(net: Network, model):
                 else:
                     assert torch.equal(m.bias.detach(), torch.full_like(m.bias, bias)), f"{prefix}{op.name} bias"
                 w = m.weight.detach().flatten()[:200_000]  # i.i.d. draws: a prefix is a fair sample
-                if w.numel() >= 20_000:
+                if w.numel() >= min(20_000, largest):
                     std = expected_weight_std(op)
-                    assert w.std().item() == pytest.approx(std, rel=0.05), f"{prefix}{op.name} weight std"
+                    rel = max(0.05, 4 / math.sqrt(2 * w.numel()))  # 4 standard errors of a sample std
+                    assert w.std().item() == pytest.approx(std, rel=rel), f"{prefix}{op.name} weight std"
                     assert abs(w.mean().item()) < 0.05 * std, f"{prefix}{op.name} weight mean"
                     checked += 1
     assert checked > 0
@@ -273,7 +275,7 @@ def test_places_cnds8_summary_shows_paper_shapes():
 def test_places_cnds8_initialisation_is_the_released_one():
     net = compiled("places_cnds8")
     m = build_module(net, seed=0)
-    aux = m.aux["conv3_2"]
+    aux = m.aux.conv3_2
     biases = {
         m.conv1: 0.5, m.conv2: 0.1, m.conv3_1: 0.1, m.conv5_2: 0.1, m.fc6: 1.0, m.fc7: 1.0, m.fc8: 0.0,
         aux.conv: 0.1, aux.fc1: 1.0, aux.fc2: 1.0, aux.classifier: 0.0,
@@ -330,7 +332,7 @@ def test_googlenet_style_weight_is_constant():
     (b,) = net.branches
     assert b.tap == "conv3_2" and b.schedule.kind is ScheduleKind.CONSTANT
     assert [b.schedule.alpha(t, 65) for t in (0, 30, 64)] == [0.3, 0.3, 0.3]
-    assert no_spans(net)["branches"][0]["layers"] == no_spans(base)["branches"][0]["layers"]
+    assert no_spans(net)["nodes"] == no_spans(base)["nodes"]
 
 
 # ---- derived specs ------------------------------------------------------------------------------
@@ -361,11 +363,13 @@ def test_imagenet_cnds8_differs_from_places_only_in_name_and_classes():
 )
 def test_derived_spec_keeps_the_base_trunk(derived, base):
     d, b = no_spans(compiled(derived)), no_spans(compiled(base))
-    assert d["trunk"] == b["trunk"]
+    trunk = compiled(base).main_nodes()
+    assert compiled(derived).main_nodes() == trunk
+    assert [n for n in d["nodes"] if n["name"] in trunk] == [n for n in b["nodes"] if n["name"] in trunk]
     assert d["data"] == b["data"]
     assert d["name"] == derived != b["name"]
     if "cnn" in derived:  # the CNN baselines are the CNDS trunk without any branch
-        assert d["branches"] == []
+        assert d["heads"][1:] == []
         deploy = replace(compiled(base).without_branches(), name=derived, train=compiled(derived).train)
         assert no_spans(deploy) == d
 

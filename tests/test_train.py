@@ -16,9 +16,9 @@ import torch.nn.functional as F
 
 from cnds_compiler import compile_text
 from cnds_compiler.backends.pytorch import build_module
+from cnds_compiler.checkpoint import load_checkpoint, save_checkpoint
 from cnds_compiler.errors import CheckpointError
 from cnds_compiler.ir import LossKind
-from cnds_compiler.train.checkpoint import load_checkpoint, save_checkpoint
 from cnds_compiler.train.loss import alphas, deep_supervision_loss, squared_hinge
 from cnds_compiler.train.trainer import GlobalBatchSampler, init_from, param_groups, topk_errors
 
@@ -201,6 +201,15 @@ def test_nonfinite_loss_stops_with_message_and_keeps_checkpoint(tmp_path):
     assert (out / "last.pt").read_bytes() == saved
 
 
+def _free_port() -> int:
+    """A port nothing listens on now (a fixed one can still be in TIME_WAIT from the previous run)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _final_weights(path: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(path)["model"]
 
@@ -211,9 +220,11 @@ ZERO_WEIGHT = "unsupervise conv3_2\nsupervise conv3_2 weight [0.3, 0, 0.2] { g: 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("branch", ["linear-decay", "zero-weight-epoch"])
+@pytest.mark.parametrize("branch", ["linear-decay", "zero-weight-epoch", "dag-two-heads"])
 def test_two_processes_match_one_process(tmp_path, branch):
     spec = _nodrop_spec(tmp_path)
+    if branch == "dag-two-heads":  # inception modules, two heads (one decaying, one constant), no dropout
+        spec.write_text((SPECS / "digits_inception.cnds").read_text())
     if branch == "zero-weight-epoch":
         spec.write_text(spec.read_text() + ZERO_WEIGHT)
     # lr 0.01: small enough that SGD does not amplify float rounding chaotically over the run
@@ -222,7 +233,7 @@ def test_two_processes_match_one_process(tmp_path, branch):
     one = _train([str(spec), "--out", str(tmp_path / "one"), *common])
     assert one.returncode == 0, one.stderr
     two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
          "-m", "cnds_compiler.train.cli", str(spec), "--out", str(tmp_path / "two"), *common],
         capture_output=True, text=True, env=_env(), timeout=600,
     )

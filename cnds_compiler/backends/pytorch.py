@@ -1,17 +1,21 @@
 """Checked IR → ``torch.nn.Module``.
 
-The module's ``forward`` is generated Python (kept in ``.code``, registered with ``linecache`` so
-tracebacks show it), one line per op with its output shape and spec line as a comment. Trunk
-submodules carry the spec's names (``conv3_2.weight``); branch submodules live under ``aux.<branch>``,
-so the aux-free deploy model is the same state dict minus the ``aux.`` prefix.
+One code generator (:class:`GraphCode`) writes the ``forward`` of the training module (:class:`CndsNet`),
+the deploy module and the feature extractor (:class:`GraphModule`): generated Python kept in ``.code``,
+registered with ``linecache`` so tracebacks show it, one line per node with its output shape and spec
+line as a comment. Submodules carry the node names (``conv3_2.weight``, ``inception_4a.b3.weight``);
+nodes only supervision heads need live under ``aux.`` (``aux.conv3_2.fc1.weight``), so the aux-free
+deploy model is the same state dict minus the ``aux.`` prefix.
 
 Every call returns a :class:`CndsOutput`, in train and eval alike; branches run only when asked for.
 """
 
 from __future__ import annotations
 
+import keyword
 import linecache
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -19,7 +23,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..ir import Branch, InitScheme, Layer, Network, Op, OpKind
+from ..ir import INPUT_NODE, InitScheme, Network, Node, OpKind
+from ..passes.verify import module_path
 
 AUX_PREFIX = "aux."
 
@@ -65,7 +70,29 @@ class SkipInit(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def make_module(op: Op, inplace_ok: bool) -> nn.Module:
+class _OnnxLRN(torch.autograd.Function):
+    """Across-channel LRN that exports as one ONNX ``LRN`` node (instead of torch's decomposition with
+    ``If`` subgraphs). Same maths as ``nn.LocalResponseNorm`` for odd sizes, where both windows centre."""
+
+    @staticmethod
+    def forward(ctx, x, size: int, alpha: float, beta: float, k: float):
+        return nn.functional.local_response_norm(x, size, alpha, beta, k)
+
+    @staticmethod
+    def symbolic(g, x, size: int, alpha: float, beta: float, k: float):
+        return g.op("LRN", x, size_i=size, alpha_f=alpha, beta_f=beta, bias_f=k)
+
+
+class LRN(nn.LocalResponseNorm):
+    """``nn.LocalResponseNorm`` that lowers to ONNX ``LRN`` when the size is odd."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size % 2 == 1 and torch.onnx.is_in_onnx_export():
+            return _OnnxLRN.apply(x, self.size, self.alpha, self.beta, self.k)
+        return super().forward(x)
+
+
+def make_module(op: Node, inplace_ok: bool) -> nn.Module:
     """The ``nn.Module`` for one IR op (parameters not yet initialised: see :func:`initialise_op`)."""
     a, x = op.attrs, op.in_shape
     if op.kind is OpKind.CONV2D:
@@ -83,7 +110,7 @@ def make_module(op: Op, inplace_ok: bool) -> nn.Module:
     if op.kind is OpKind.DROPOUT:
         return nn.Dropout(a.p)
     if op.kind is OpKind.LRN:
-        return nn.LocalResponseNorm(a.size, a.alpha, a.beta, a.k)
+        return LRN(a.size, a.alpha, a.beta, a.k)
     if op.kind is OpKind.BATCHNORM:
         cls = nn.BatchNorm2d if x.spatial else nn.BatchNorm1d
         return cls(x.dims[0], eps=a.eps, momentum=a.momentum)
@@ -92,9 +119,8 @@ def make_module(op: Op, inplace_ok: bool) -> nn.Module:
     raise NotImplementedError(op.kind)
 
 
-def initialise_op(owner: nn.Module, op: Op) -> None:
-    """Give op ``op``'s module in ``owner`` its initial parameters and buffers, as the spec says."""
-    m = getattr(owner, op.name)
+def initialise_op(m: nn.Module | None, op: Node) -> None:
+    """Give op ``op``'s module ``m`` its initial parameters and buffers, as the spec says."""
     if op.kind in (OpKind.CONV2D, OpKind.LINEAR):
         init_parameters(m, op.attrs.init)
     elif op.kind is OpKind.BATCHNORM:
@@ -113,26 +139,106 @@ def init_parameters(m: nn.Conv2d | nn.Linear, init) -> None:
         m.bias.fill_(init.bias)
 
 
-def _location(op: Op) -> str:
+def _location(op: Node) -> str:
     loc = op.span.location()
     return f"{loc.name.rsplit('/', 1)[-1]}:{loc.line}"
 
 
-def _emit_layers(layers: Iterable[Layer], lines: list[str], prefix: str, after_layer=None) -> None:
-    for layer in layers:
-        for op in layer.ops:
-            if op.kind is OpKind.LINEAR and op.in_shape.spatial:
-                lines.append("    x = torch.flatten(x, 1)")
-            lines.append(f"    x = self.{prefix}{op.name}(x)  # {op.out_shape}  {_location(op)}")
-        if after_layer is not None:
-            after_layer(layer, lines)
+# ---- the one code generator --------------------------------------------------------------------------
 
 
-def _build_modules(owner: nn.Module, layers: Iterable[Layer]) -> None:
-    for layer in layers:
-        for i, op in enumerate(layer.ops):
-            # In-place only inside a layer: a layer's input may be a tap that a branch also reads.
-            owner.add_module(op.name, make_module(op, inplace_ok=i > 0))
+def _identifier(name: str, taken: set[str]) -> str:
+    """A Python variable for a node (``inception_4a.b3`` → ``inception_4a_b3``), unique in its function."""
+    base = re.sub(r"\W", "_", name)
+    if not base.isidentifier() or keyword.iskeyword(base) or base in ("self", "torch", "want", "aux", "x"):
+        base = "v_" + base
+    var, i = base, 1
+    while var in taken:
+        i += 1
+        var = f"{base}_{i}"
+    taken.add(var)
+    return var
+
+
+def module_expr(path: str) -> str:
+    """Python expression for the submodule at dotted ``path`` (``self.layer3[1]``-style parts via getattr)."""
+    expr = "self"
+    for part in path.split("."):
+        expr = f"{expr}.{part}" if part.isidentifier() and not keyword.iskeyword(part) else f"getattr({expr}, {part!r})"
+    return expr
+
+
+@dataclass
+class GraphCode:
+    """Generates Python statements that compute a graph's nodes, one per node, with its shape and spec line.
+
+    A value whose only reader is the next node reuses its variable (a chain reads ``x = self.conv1(x)``);
+    branch-only nodes run under ``if`` guards on the requested heads. One generator serves the training
+    module, the deploy module and the feature extractor.
+    """
+
+    net: Network
+    paths: dict[str, str]
+    """Node name → module path (``aux.`` prefix for branch-only nodes)."""
+    keep: frozenset[str] = frozenset()
+    """Values that must keep their own variable (returned, tapped, read after a function boundary)."""
+    var: dict[str, str] = field(default_factory=dict)
+    taken: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.users = self.net.users()
+        self.remaining = {name: len(users) + (1 << 30 if name in self.keep else 0) for name, users in self.users.items()}
+        self.holder = {"x": INPUT_NODE}
+        self.var[INPUT_NODE] = "x"
+        self.taken.add("x")
+
+    def _free(self, var: str) -> bool:
+        return self.remaining.get(self.holder.get(var, ""), 0) == 0
+
+    def emit(self, node: Node, lines: list[str], indent: str = "    ") -> None:
+        if node.kind is OpKind.INPUT:
+            return
+        args = [self.var[i] for i in node.inputs]
+        for i in node.inputs:
+            self.remaining[i] -= 1
+        if len(node.inputs) == 1 and self._free(args[0]):
+            target = args[0]  # the input's last reader: reuse its variable (a chain reads x = self.conv1(x))
+        elif len(self.users[node.name]) == 1 and node.name not in self.keep and self._free("x"):
+            target = "x"
+        else:
+            target = _identifier(node.name, self.taken)
+        self.var[node.name] = target
+        self.holder[target] = node.name
+        if node.kind is OpKind.CONCAT:
+            expr = f"torch.cat([{', '.join(args)}], 1)"
+        elif node.kind is OpKind.ADD:
+            expr = " + ".join(args)
+        else:
+            arg = args[0]
+            if node.kind is OpKind.LINEAR and node.in_shape.spatial:
+                arg = f"torch.flatten({arg}, 1)"
+            expr = f"{module_expr(self.paths[node.name])}({arg})"
+        lines.append(f"{indent}{target} = {expr}  # {node.out_shape}  {_location(node)}")
+
+
+def inplace_safe(net: Network, node: Node, keep: frozenset[str]) -> bool:
+    """In-place only on a value with a single reader that is nobody's output (never on the caller's input)."""
+    only = node.inputs[0]
+    return only != INPUT_NODE and len(net.users()[only]) == 1 and only not in keep
+
+
+def build_submodules(owner: nn.Module, net: Network, nodes, paths: dict[str, str], keep: frozenset[str]) -> None:
+    """Add each node's module at its path, creating plain container modules for the dotted parts."""
+    for node in nodes:
+        if node.kind in (OpKind.INPUT, OpKind.CONCAT, OpKind.ADD):
+            continue
+        parent = owner
+        *outer, leaf = paths[node.name].split(".")
+        for part in outer:
+            if not hasattr(parent, part):
+                parent.add_module(part, nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module(leaf, make_module(node, inplace_ok=inplace_safe(net, node, keep)))
 
 
 def _compile(source: str, filename: str, names: tuple[str, ...]) -> dict:
@@ -142,29 +248,55 @@ def _compile(source: str, filename: str, names: tuple[str, ...]) -> dict:
     return {n: namespace[n] for n in names}
 
 
-class BranchModule(nn.Module):
-    """One supervision branch; its submodules carry the branch's layer names."""
+def _feature_cut(net: Network, main: list[Node]) -> int:
+    """Index in ``main`` of the last spatial node that every path to the main head passes through (pool5 of
+    a chain): no later main node reads anything before it."""
+    position = {n.name: i for i, n in enumerate(main)}
+    earliest_read_after = [len(main)] * (len(main) + 1)
+    for i in range(len(main) - 1, -1, -1):
+        reads = [position[r] for r in main[i].inputs] or [i]
+        earliest_read_after[i] = min(earliest_read_after[i + 1], *reads)
+    best = 0
+    for i, node in enumerate(main):
+        if node.out_shape.spatial and earliest_read_after[i + 1] >= i:
+            best = i
+    return best
 
-    def __init__(self, branch: Branch) -> None:
+
+class GraphModule(nn.Module):
+    """The modules of chosen nodes and a generated ``forward`` that returns chosen values as a tuple: the
+    deploy model and the feature extractor (no branch runs, none is built).
+
+    Submodules carry the node names, so its state-dict keys are exactly those of
+    ``CndsNet.trunk_state_dict()`` for the nodes it keeps.
+    """
+
+    def __init__(self, net: Network, outputs: tuple[str, ...]) -> None:
         super().__init__()
-        self.branch = branch
-        _build_modules(self, branch.layers)
+        self.net = net.prune(outputs)
+        self.outputs = outputs
+        keep = frozenset(outputs)
+        paths = {n.name: n.name for n in self.net.nodes}
+        build_submodules(self, self.net, self.net.nodes, paths, keep)
+        gen = GraphCode(self.net, paths, keep)
         lines = ["def forward(self, x):"]
-        _emit_layers(branch.layers, lines, "")
-        lines.append("    return x")
+        for node in self.net.nodes:
+            gen.emit(node, lines)
+        lines.append(f"    return ({''.join(gen.var[o] + ', ' for o in outputs)})")
         self.code = "\n".join(lines) + "\n"
-        self._forward = _compile(self.code, f"<cnds branch {branch.name}>", ("forward",))["forward"]
+        self._forward = _compile(self.code, f"<cnds {net.name} outputs>", ("forward",))["forward"]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self._forward(self, x)
 
 
 class CndsNet(nn.Module):
     """A compiled network; build it with :func:`build_module`.
 
-    Methods follow timm: ``forward_features`` (trunk up to its last feature map), ``forward_head``
-    (the rest, ``pre_logits=True`` stops before the classifier), ``forward`` (both, plus branches),
-    ``get_classifier``, ``reset_classifier``; ``feature_info`` lists every trunk feature map.
+    Methods follow timm: ``forward_features`` (trunk up to its last feature map that every path to the
+    classifier passes through), ``forward_head`` (the rest, ``pre_logits=True`` stops before the
+    classifier), ``forward`` (both, plus branches), ``get_classifier``, ``reset_classifier``;
+    ``feature_info`` lists every trunk statement's feature map.
     """
 
     net: Network
@@ -175,60 +307,90 @@ class CndsNet(nn.Module):
         if not net.shapes_known:
             raise ValueError("build_module needs a checked IR (run the pass pipeline first)")
         self.net = net
+        live = net.prune([h.node for h in net.heads])  # values nothing reads are not built (verify warned)
+        main = net.main_nodes()
+        self._paths = {n.name: module_path(net, n.name, main) for n in live.nodes}
+        heads_of: dict[str, list[str]] = {}
+        for h in net.supervision_heads:
+            for n in net.head_nodes(h):
+                heads_of.setdefault(n.name, []).append(h.name)
+        main_list = [n for n in live.nodes if n.name in main]
+        cut = _feature_cut(net, main_list)
+        self._cut = main_list[cut].name
+        keep = frozenset([self._cut, *(h.node for h in net.heads), *(h.tap for h in net.supervision_heads)])
+        if main_list[-1].inputs:
+            keep |= {main_list[-1].inputs[0]}  # pre_logits returns it
+        self._live_nodes = live.nodes
         with torch.device("meta"), SkipInit():
-            _build_modules(self, net.trunk)
-            self.aux = nn.ModuleDict({b.name: BranchModule(b) for b in net.branches})
+            self.aux = nn.Module()  # branch-only modules sit under aux. (trunk checkpoints stay clean)
+            build_submodules(self, net, live.nodes, self._paths, keep)
         if materialize:  # real memory, then one initialisation in spec order (trunk, then branches)
             self.to_empty(device="cpu")
-            for layer in net.trunk:
-                for op in layer.ops:
-                    initialise_op(self, op)
-            for b in net.branches:
-                for layer in b.layers:
-                    for op in layer.ops:
-                        initialise_op(self.aux[b.name], op)
-        spatial_end = max((i for i, layer in enumerate(net.trunk) if layer.out_shape.spatial), default=-1)
-        self._features_layers = net.trunk[: spatial_end + 1]
-        self._head_layers = net.trunk[spatial_end + 1 :]
+            for node in live.nodes:
+                if node.kind.has_params:
+                    initialise_op(self.get_submodule(self._paths[node.name]), node)
         self.feature_info = [
             FeatureInfo(layer.name, layer.out_shape.dims[0], net.input.dims[1] // layer.out_shape.dims[1],
                         layer.ops[-1].name)
-            for layer in self._features_layers
+            for layer in net.groups(main_list[: cut + 1])
+            if layer.out_shape.spatial
         ]
-        self._taps = {b.tap: [] for b in net.branches}
-        for b in net.branches:
-            self._taps[b.tap].append(b.name)
-        self.code = self._generate()
+        self.code = self._generate(main_list, cut, heads_of, keep)
         funcs = _compile(self.code, f"<cnds {net.name}>", ("forward_features", "forward_head"))
         self._features_fn, self._head_fn = funcs["forward_features"], funcs["forward_head"]
+        self._extractors: dict[tuple[str, ...], GraphModule] = {}
 
     # ---- code generation -------------------------------------------------------------------------
-    def _generate(self) -> str:
-        taps = self._taps
+    def _generate(self, main: list[Node], cut: int, heads_of: dict[str, list[str]], keep: frozenset[str]) -> str:
+        net = self.net
+        gen = GraphCode(net, self._paths, keep)
+        pending = [n for n in self._live_nodes if n.name in heads_of]
+        head_at = {h.node: h.name for h in net.supervision_heads}
 
-        def run_branches(layer: Layer, lines: list[str]) -> None:
-            for name in taps.get(layer.name, ()):
-                lines.append(f"    if {name!r} in want:")
-                lines.append(f"        aux[{name!r}] = self.aux[{name!r}](x)  # branch on {layer.name}")
+        def emit_ready(lines: list[str]) -> None:
+            """Branch nodes whose inputs exist, each under a guard on the heads that need it."""
+            guard = None
+            progress = True
+            while progress:
+                progress = False
+                for node in list(pending):
+                    if all(i in gen.var for i in node.inputs):
+                        pending.remove(node)
+                        progress = True
+                        names = tuple(heads_of[node.name])
+                        cond = f"{names[0]!r} in want" if len(names) == 1 else f"not want.isdisjoint({names!r})"
+                        if cond != guard:
+                            lines.append(f"    if {cond}:")
+                            guard = cond
+                        gen.emit(node, lines, "        ")
+                        if node.name in head_at:
+                            lines.append(f"        aux[{head_at[node.name]!r}] = {gen.var[node.name]}")
 
         lines = ["def forward_features(self, x, want, aux):"]
-        _emit_layers(self._features_layers, lines, "", run_branches)
-        lines.append("    return x")
+        emit_ready(lines)
+        for node in main[: cut + 1]:
+            gen.emit(node, lines)
+            emit_ready(lines)
+        lines.append(f"    return {gen.var[main[cut].name]}")
         lines.append("")
-        lines.append("def forward_head(self, x, pre_logits):")
-        head = self._head_layers
-        if head:
-            _emit_layers(head[:-1], lines, "")
-            lines.append("    if pre_logits:")
-            lines.append("        return x")
-            _emit_layers(head[-1:], lines, "")
-        lines.append("    return x")
+        lines.append("def forward_head(self, x, pre_logits, want, aux):")
+        gen.var[main[cut].name] = "x"
+        gen.holder["x"] = main[cut].name
+        rest = main[cut + 1:]
+        last_group = rest[-1].group if rest else None
+        for node in rest:
+            if node.group == last_group and node is next(n for n in rest if n.group == last_group):
+                lines.append("    if pre_logits:")
+                lines.append(f"        return {gen.var[node.inputs[0]]}")
+            gen.emit(node, lines)
+            emit_ready(lines)
+        lines.append(f"    return {gen.var[main[-1].name]}")
         return "\n".join(lines) + "\n"
 
     # ---- public surface --------------------------------------------------------------------------
     @property
     def branch_names(self) -> tuple[str, ...]:
-        return tuple(b.name for b in self.net.branches)
+        return tuple(h.name for h in self.net.supervision_heads)
 
     def _wanted(self, branches) -> frozenset[str]:
         if branches is None or branches == ():
@@ -245,26 +407,41 @@ class CndsNet(nn.Module):
             )
         return wanted
 
+    def head_parameters(self, *heads: str, excluding_others: bool = False) -> list[nn.Parameter]:
+        """Parameters of the branch-only modules the named supervision heads need (with
+        ``excluding_others``: only those no other head needs), in graph order."""
+        nodes = {n.name for h in heads for n in self.net.head_nodes(self.net.head(h))}
+        if excluding_others:
+            for h in self.net.supervision_heads:
+                if h.name not in heads:
+                    nodes -= {n.name for n in self.net.head_nodes(h)}
+        result = []
+        for node in self.net.nodes:
+            if node.name in nodes and node.name in self._paths and node.kind.has_params:
+                result.extend(self.get_submodule(self._paths[node.name]).parameters())
+        return result
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Trunk up to and including its last feature map (e.g. pool5), no branches.
+        """Trunk up to its last feature map that every path to the classifier passes through (e.g. pool5), no
+        branches.
 
         Args:
             x: images ``(batch, C, H, W)`` of the spec's input size.
         Returns:
-            The last ``(batch, C', H', W')`` feature map.
+            That ``(batch, C', H', W')`` feature map.
         """
         return self._features_fn(self, x, frozenset(), {})
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Layers after the last feature map.
+        """Nodes after that feature map.
 
         Args:
             x: output of :meth:`forward_features`.
-            pre_logits: stop before the classifier layer (e.g. return fc7's output).
+            pre_logits: stop before the classifier statement (e.g. return fc7's output).
         Returns:
             Logits ``(batch, classes)``, or the classifier's input when ``pre_logits``.
         """
-        return self._head_fn(self, x, pre_logits)
+        return self._head_fn(self, x, pre_logits, frozenset(), {})
 
     def forward(self, x: torch.Tensor, branches: Iterable[str] | str | None = None) -> CndsOutput:
         """Main logits plus the logits of the requested branches.
@@ -276,38 +453,49 @@ class CndsNet(nn.Module):
             :class:`CndsOutput` in every mode.
         """
         aux: dict[str, torch.Tensor] = {}
-        x = self._features_fn(self, x, self._wanted(branches), aux)
-        return CndsOutput(self._head_fn(self, x, False), aux)
+        want = self._wanted(branches)
+        x = self._features_fn(self, x, want, aux)
+        return CndsOutput(self._head_fn(self, x, False, want, aux), aux)
 
     def forward_layers(self, x: torch.Tensor, names: Iterable[str]) -> dict[str, torch.Tensor]:
-        """Outputs of the named trunk layers (runs only as far as the deepest one)."""
-        names = list(names)
-        known = [layer.name for layer in self.net.trunk]
-        missing = [n for n in names if n not in known]
-        if missing:
-            raise ValueError(f"no trunk layer named {missing}; layers: {known}")
-        last = max(known.index(n) for n in names) if names else -1
-        result = {}
-        for layer in self.net.trunk[: last + 1]:
-            for op in layer.ops:
-                if op.kind is OpKind.LINEAR and x.dim() > 2:
-                    x = torch.flatten(x, 1)
-                x = getattr(self, op.name)(x)
-            if layer.name in names:
-                result[layer.name] = x
-        return result
+        """Outputs of the named values (statement or node names of the trunk); computes only what they need."""
+        names = tuple(dict.fromkeys(names))
+        main = self.net.main_nodes()
+        resolved = []
+        for n in names:
+            try:
+                node = self.net.resolve(n)
+            except KeyError:
+                node = None
+            if node is None or node not in main:
+                known = [layer.name for layer in self.net.trunk]
+                raise ValueError(f"no trunk value named {n!r}; statements: {known}")
+            resolved.append(node)
+        key = tuple(resolved)
+        if key not in self._extractors:
+            with torch.device("meta"), SkipInit():
+                extractor = GraphModule(self.net.without_branches(), key)
+            self._extractors[key] = extractor
+        extractor = self._extractors[key]
+        outputs = extractor._forward(self, x)  # the same module paths: run its code on this module's weights
+        return dict(zip(names, outputs, strict=True))
 
     def get_classifier(self) -> nn.Module:
-        return getattr(self, self.net.trunk[-1].ops[0].name)
+        return self.get_submodule(self._paths[self._classifier().name])
+
+    def _classifier(self) -> Node:
+        head_group = self.net.node(self.net.main.node).group
+        return next(n for n in self.net.nodes if n.group == head_group)
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the classifier with a freshly initialised one for ``num_classes`` outputs."""
-        op = self.net.trunk[-1].ops[0]
+        op = self._classifier()
         if op.kind is not OpKind.LINEAR:
             raise ValueError("the last layer is not a linear classifier")
         m = nn.Linear(op.in_shape.numel, num_classes, bias=op.attrs.init.bias is not None)
         init_parameters(m, op.attrs.init)
-        setattr(self, op.name, m)
+        *outer, leaf = self._paths[op.name].split(".")
+        setattr(self.get_submodule(".".join(outer)) if outer else self, leaf, m)
 
     def trunk_state_dict(self) -> dict[str, torch.Tensor]:
         """The state dict without any branch entry: what the deploy network loads."""
@@ -315,7 +503,8 @@ class CndsNet(nn.Module):
 
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.parameters())
-        return f"CndsNet({self.net.name}, {len(self.net.trunk)} layers, {len(self.net.branches)} branches, {n:,} params)"
+        return (f"CndsNet({self.net.name}, {len(self.net.trunk)} layers, {len(self.net.supervision_heads)} branches, "
+                f"{n:,} params)")
 
 
 def build_module(net: Network, seed: int | None = None, materialize: bool = True) -> CndsNet:
@@ -332,7 +521,7 @@ def build_module(net: Network, seed: int | None = None, materialize: bool = True
         return CndsNet(net)
 
 
-def fan_in_std(op: Op) -> float:
+def fan_in_std(op: Node) -> float:
     """He-style std √(2/fan_in) of a conv/linear op (for comparisons with the paper's N(0, 0.01))."""
     a, x = op.attrs, op.in_shape
     if op.kind is OpKind.CONV2D:

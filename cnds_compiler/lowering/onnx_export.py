@@ -29,76 +29,24 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..backends.pytorch import AUX_PREFIX, SkipInit, build_module, make_module
+from ..backends.pytorch import AUX_PREFIX, GraphModule, SkipInit, build_module
 from ..errors import CheckpointError, ExportError, UnsupportedError
 from ..ir import Network, OpKind
 from .deploy import PRECISIONS, DeployPlan, plan_deploy
+from .parity import ParityCheck, check_parity
 
 DEFAULT_OPSET = 17
 """ai.onnx opset of exports: supported by every onnxruntime cnds meets (onnxruntime-gpu 1.31 stops at 26)."""
-PARITY_TOLERANCE = 1e-4
-"""fp32 onnxruntime vs PyTorch: max |difference| ≤ 1e-4 × max(1, max |reference|)."""
 _BRANCH_NAME = re.compile(r"(^|[/.])aux[/.]")
 
 
-class _OnnxLRN(torch.autograd.Function):
-    """Across-channel LRN that exports as one ONNX ``LRN`` node (instead of torch's decomposition with
-    ``If`` subgraphs). Same maths as ``nn.LocalResponseNorm`` for odd sizes, where both windows centre."""
-
-    @staticmethod
-    def forward(ctx, x, size: int, alpha: float, beta: float, k: float):
-        return nn.functional.local_response_norm(x, size, alpha, beta, k)
-
-    @staticmethod
-    def symbolic(g, x, size: int, alpha: float, beta: float, k: float):
-        return g.op("LRN", x, size_i=size, alpha_f=alpha, beta_f=beta, bias_f=k)
-
-
-class LRN(nn.LocalResponseNorm):
-    """``nn.LocalResponseNorm`` that lowers to ONNX ``LRN`` when the size is odd."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.size % 2 == 1 and torch.onnx.is_in_onnx_export():
-            return _OnnxLRN.apply(x, self.size, self.alpha, self.beta, self.k)
-        return super().forward(x)
-
-
-def _deploy_op_module(op) -> nn.Module:
-    if op.kind is OpKind.LRN:
-        a = op.attrs
-        return LRN(a.size, a.alpha, a.beta, a.k)
-    return make_module(op, inplace_ok=False)
-
-
-class DeployModule(nn.Module):
-    """A plain ``nn.Module`` for a :class:`DeployPlan`: trunk ops only, forward returns the planned outputs.
-
-    Submodules carry the IR's op names, so its state-dict keys are exactly those of
-    ``CndsNet.trunk_state_dict()`` for the kept layers.
-    """
+class DeployModule(GraphModule):
+    """The deploy network of a :class:`DeployPlan`: the plan's nodes only, forward returns the planned
+    outputs as a tuple. Built by the same generator as the training module; no branch node is in it."""
 
     def __init__(self, plan: DeployPlan) -> None:
-        super().__init__()
+        super().__init__(plan.network, tuple(node for _, node in plan.outputs))
         self.plan = plan
-        self._steps: list[tuple[str, tuple[tuple[str, bool], ...]]] = []
-        for layer in plan.network.trunk:
-            ops = []
-            for op in layer.ops:
-                self.add_module(op.name, _deploy_op_module(op))
-                ops.append((op.name, op.kind is OpKind.LINEAR and op.in_shape.spatial))
-            self._steps.append((layer.name, tuple(ops)))
-        self._wanted = tuple(layer for _, layer in plan.outputs)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        found: dict[str, torch.Tensor] = {}
-        for layer, ops in self._steps:
-            for name, flatten in ops:
-                if flatten:
-                    x = torch.flatten(x, 1)
-                x = getattr(self, name)(x)
-            if layer in self._wanted:
-                found[layer] = x
-        return tuple(found[layer] for layer in self._wanted)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +67,7 @@ def load_weights(net: Network, path: str | Path | Mapping[str, torch.Tensor] | N
     if isinstance(path, Mapping):
         state = {k: v.float() if v.is_floating_point() else v for k, v in path.items()}
         return Weights(state, "state dict given in memory", True)
-    from ..train.checkpoint import load_checkpoint
+    from ..checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(path, net)
     epoch = ckpt.get("epoch")
@@ -233,66 +181,6 @@ def prove_no_branches(model, plan: DeployPlan, weights: Weights | None, trunk_we
                        graph_weights, trunk_weights)
 
 
-@dataclass(frozen=True, slots=True)
-class ParityCheck:
-    """onnxruntime vs PyTorch on the same random input."""
-
-    batch: int
-    max_abs_diff: float
-    max_abs_ref: float
-    tolerance: float | None
-    """``None`` when the difference is only reported (reduced precision)."""
-
-    @property
-    def ok(self) -> bool:
-        return self.tolerance is None or self.max_abs_diff <= self.tolerance
-
-    def describe(self, precision: str) -> str:
-        against = "PyTorch fp32" if precision != "fp32" else "PyTorch"
-        text = (f"onnxruntime ({precision}) vs {against} on random input, batch {self.batch}: "
-                f"max |diff| {self.max_abs_diff:.2e}")
-        if self.tolerance is None:
-            return text + f" (outputs up to {self.max_abs_ref:.3g}; reported, not checked)"
-        bound = f"{PARITY_TOLERANCE:g}" if self.tolerance == PARITY_TOLERANCE else f"{self.tolerance:.2e}"
-        return text + f" <= {bound}: ok"
-
-
-def cpu_session(model_bytes: bytes, threads: int | None = None):
-    """A quiet onnxruntime CPU session."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
-
-
-def check_parity(model_bytes: bytes, module: DeployModule, input_name: str, *, batch: int = 3,
-                 tolerance: float | None = PARITY_TOLERANCE, seed: int = 0) -> ParityCheck:
-    """Run ``module`` (fp32) and the ONNX model on the same random ``batch``; compare every output."""
-    c, h, w = module.plan.network.input.dims
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, c, h, w, generator=gen)
-    with torch.inference_mode():
-        ref = [r.numpy() for r in module(x)]
-    got = cpu_session(model_bytes).run(None, {input_name: x.numpy()})
-    shapes = [(g.shape, r.shape) for g, r in zip(got, ref, strict=True) if g.shape != r.shape]
-    if shapes:
-        raise ExportError(f"onnxruntime output shapes differ from PyTorch's at batch {batch}: {shapes}")
-    diff = max(float(np.max(np.abs(g.astype(np.float64) - r))) for g, r in zip(got, ref, strict=True))
-    scale = max(float(np.max(np.abs(r))) for r in ref)
-    if not all(np.isfinite(g).all() for g in got):
-        diff = float("inf")
-    tol = None if tolerance is None else tolerance * max(1.0, scale)
-    check = ParityCheck(batch, diff, scale, tol)
-    if not check.ok:
-        raise ExportError(f"onnxruntime and PyTorch disagree: max |diff| {diff:.3g} > {tol:.3g} "
-                          f"(outputs up to {scale:.3g})")
-    return check
-
-
 def torch_to_onnx(module: nn.Module, example: torch.Tensor, input_name: str, output_names: Iterable[str],
                   opset: int = DEFAULT_OPSET) -> bytes:
     """``torch.onnx.export`` (TorchScript exporter) with a dynamic batch axis, into memory, quietly."""
@@ -313,12 +201,12 @@ def make_metadata(plan: DeployPlan, input_name: str, precision: str, weights: st
     from cnds_runtime.metadata import ModelMetadata, OutputInfo
 
     net, data = plan.source, plan.source.data
-    outputs = tuple(OutputInfo(name, layer, plan.network.layer(layer).out_shape.dims)
-                    for name, layer in plan.outputs)
+    outputs = tuple(OutputInfo(name, plan.value_name(name, node), plan.network.node(node).out_shape.dims)
+                    for name, node in plan.outputs)
     return ModelMetadata(
         spec_name=net.name, ir_hash=net.digest(), cnds_version=__version__, input_name=input_name,
         input_shape=net.input.dims, num_classes=net.num_classes, class_names=net.class_names, outputs=outputs,
-        # The evaluation transform of cnds_compiler.train.data: resize to data.resize, or straight to the
+        # The evaluation transform of cnds_compiler.data: resize to data.resize, or straight to the
         # input size when the spec gives none, then centre-crop to the input size.
         resize=data.resize or net.input.dims[1:], mean=data.mean, std=data.std, precision=precision,
         weights=weights,

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..backends.pytorch import GraphModule
 from ..errors import DataError, ExportError
 from ..ir import Network
 from .deploy import LOGITS, DeployPlan
-from .onnx_export import DeployModule, ParityCheck, check_parity, cpu_session
+from .parity import ParityCheck, check_parity, cpu_session
 
 Batches = Iterable[tuple[np.ndarray, np.ndarray | None]]
 """``(images (N, C, H, W) float32 prepared as for evaluation, labels (N,) or None)`` batches."""
@@ -26,8 +27,8 @@ Batches = Iterable[tuple[np.ndarray, np.ndarray | None]]
 def source_batches(source: str, net: Network, split: str, limit: int, seed: int = 0,
                    batch_size: int = 64) -> list[tuple[np.ndarray, np.ndarray]]:
     """A seeded random subset of at most ``limit`` examples of ``split`` (``train`` or ``val``) of a data
-    source, through ``cnds_compiler.train.data``'s evaluation transform (centre crop, no flips)."""
-    from ..train.data import load_source, make_loader
+    source, through ``cnds_compiler.data``'s evaluation transform (centre crop, no flips)."""
+    from ..data import load_source, make_loader
 
     limits = {"limit_train": limit} if split == "train" else {"limit_val": limit}
     splits = load_source(source, net, seed=seed, **limits)
@@ -243,7 +244,7 @@ def compare_precision(precision: str, fp32_bytes: bytes, reduced_bytes: bytes, i
     return PrecisionReport(precision, examples, top1_ref, top1, agree, max_diff, speed_ref, speed, batch)
 
 
-def reduce_precision(precision: str, module: DeployModule, fp32_bytes: bytes, input_name: str, plan: DeployPlan,
+def reduce_precision(precision: str, module: GraphModule, fp32_bytes: bytes, input_name: str, plan: DeployPlan,
                      *, calibration=None, validation=None, calibration_size: int = 512,
                      validation_size: int = 10_000, seed: int = 0):
     """The fp16 or int8 model (``onnx.ModelProto``), its parity against PyTorch fp32, and its report."""

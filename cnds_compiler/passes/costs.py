@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
-from ..ir import Layer, Network, Op, OpKind
+from ..ir import Network, Node, OpKind
 
 
-def op_cost(op: Op) -> tuple[int, int]:
+def op_cost(op: Node) -> tuple[int, int]:
     """(parameters, FLOPs): 2 FLOPs per multiply-accumulate in conv/linear, else 1 per element visited."""
     a, x, y = op.attrs, op.in_shape, op.out_shape
     if op.kind is OpKind.CONV2D:
@@ -24,32 +24,23 @@ def op_cost(op: Op) -> tuple[int, int]:
         return 0, y.numel * a.kernel[0] * a.kernel[1]
     if op.kind is OpKind.LRN:
         return 0, x.numel * (a.size + 3)
-    if op.kind is OpKind.DROPOUT:
-        return 0, 0  # identity at inference
+    if op.kind in (OpKind.DROPOUT, OpKind.INPUT, OpKind.CONCAT):
+        return 0, 0  # identity at inference; a copy
+    if op.kind is OpKind.ADD:
+        return 0, y.numel * (len(op.inputs) - 1)
     return 0, x.numel  # relu, gap
-
-
-def _cost_layers(layers: tuple[Layer, ...]) -> tuple[Layer, ...]:
-    out = []
-    for layer in layers:
-        ops = []
-        for op in layer.ops:
-            params, flops = op_cost(op)
-            ops.append(replace(op, params=params, flops=flops))
-        out.append(replace(layer, ops=tuple(ops)))
-    return tuple(out)
 
 
 @dataclass(frozen=True)
 class CountCosts:
-    """Fill ``params`` and ``flops`` of every op; needs ``infer-shapes`` first."""
+    """Fill ``params`` and ``flops`` of every node; needs ``infer-shapes`` first."""
 
     name: ClassVar[str] = "count-costs"
     requires: ClassVar[tuple[str, ...]] = ("infer-shapes",)  # costs are computed from shapes
 
     def apply(self, net: Network) -> Network:
-        return replace(
-            net,
-            trunk=_cost_layers(net.trunk),
-            branches=tuple(replace(b, layers=_cost_layers(b.layers)) for b in net.branches),
-        )
+        nodes = []
+        for node in net.nodes:
+            params, flops = op_cost(node)
+            nodes.append(replace(node, params=params, flops=flops))
+        return replace(net, nodes=tuple(nodes))

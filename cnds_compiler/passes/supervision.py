@@ -1,4 +1,4 @@
-"""Supervision points attach to convolutional feature maps, at or before the last convolution."""
+"""Supervision points tap convolutional feature maps that the main path still convolves."""
 
 from __future__ import annotations
 
@@ -6,26 +6,47 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..errors import SupervisionError
-from ..ir import Network
+from ..ir import Network, OpKind
+
+
+def _descendants(net: Network, start: str) -> set[str]:
+    users = net.users()
+    seen: set[str] = set()
+    stack = [start]
+    while stack:
+        for user in users[stack.pop()]:
+            if user not in seen:
+                seen.add(user)
+                stack.append(user)
+    return seen
 
 
 @dataclass(frozen=True)
 class CheckSupervision:
-    """A branch taps a CxHxW map no later than the last conv layer (the paper's branches sit after conv 4)."""
+    """A head taps a value produced by a convolution (in its statement or before it) that a later
+    convolution of the main path reads, directly or not — on a chain: at or before the last conv layer
+    (the paper's branches sit after the 4th conv)."""
 
     name: ClassVar[str] = "check-supervision"
-    requires: ClassVar[tuple[str, ...]] = ("verify",)  # taps name trunk layers
+    requires: ClassVar[tuple[str, ...]] = ("verify",)  # taps name nodes
 
     def apply(self, net: Network) -> Network:
-        conv_positions = [i for i, layer in enumerate(net.trunk) if layer.is_conv]
-        for b in net.branches:
-            i = net.layer_index(b.tap)
-            if not conv_positions or i > conv_positions[-1]:
-                last = net.trunk[conv_positions[-1]].name if conv_positions else None
-                where = f"after the last convolution ('{last}')" if last else "in a network without convolutions"
-                raise SupervisionError(
-                    f"branch attached to '{b.tap}', {where}; supervision points tap convolutional feature maps",
-                    b.span,
-                    hint=f"attach it to '{last}' or an earlier conv layer" if last else None,
-                )
+        main = net.main_nodes()
+        convs = [n for n in net.nodes if n.kind is OpKind.CONV2D and n.name in main]
+        for head in net.supervision_heads:
+            tap = net.node(head.tap)
+            if head.tap not in main:
+                continue  # a head on another head's branch: that head was checked
+            later = _descendants(net, head.tap)
+            same_statement = any(c.group == tap.group for c in convs)
+            if any(c.name in later for c in convs) or same_statement:
+                continue
+            last = net.groups(convs)[-1].name if convs else None
+            where = f"after the last convolution ('{last}')" if last else "in a network without convolutions"
+            raise SupervisionError(
+                f"branch attached to '{net.tap_name(head)}', {where}; supervision points tap convolutional "
+                "feature maps",
+                head.span,
+                hint=f"attach it to '{last}' or an earlier conv layer" if last else None,
+            )
         return net

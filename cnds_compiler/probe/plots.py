@@ -117,7 +117,7 @@ def load_gradient_log(path: str | Path, label: str | None = None) -> GradientLog
         if not path.exists():
             ckpt = run / "last.pt"
             if ckpt.exists():
-                from ..train.checkpoint import load_checkpoint
+                from ..checkpoint import load_checkpoint
 
                 records = list(load_checkpoint(ckpt).get("grad_log") or [])
                 if not records:

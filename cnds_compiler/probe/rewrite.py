@@ -102,7 +102,8 @@ def supervise_block(net: Network, tap: str, alpha: float = DEFAULT_ALPHA, note: 
     lines = []
     if note:
         lines.append(f"# cnds-probe: {note}")
-    lines.append(f"supervise {tap} loss softmax weight {alpha:g} decay linear {{")
+    named = "" if net.layer(tap).is_chain else f" as {tap.replace('.', '_')}_aux"  # a block instance's namespace
+    lines.append(f"supervise {tap}{named} loss softmax weight {alpha:g} decay linear {{")
     lines.extend("  " + line for line in branch_template(net, tap))
     lines.append("}")
     return "\n".join(lines) + "\n"
@@ -158,6 +159,15 @@ def edit_spec_text(
         if tap not in conv_names:
             raise SupervisionError(f"'{tap}' is not a conv layer; supervision points tap conv feature maps")
     existing = [b.tap for b in net.branches]
+    head_of = {b.tap: b.name for b in net.branches}  # what `unsupervise` names: the head
+
+    def canonical(tap: str) -> str:  # `supervise layer2` taps layer2.1: compare statements, not spellings
+        try:
+            node = net.resolve(tap)
+        except KeyError:
+            return tap
+        return next((layer.name for layer in net.trunk if layer.ops[-1].name == node), tap)
+
     wanted = set(taps) | (set(existing) if keep_existing else set())
     notes = dict(notes or {})
 
@@ -168,7 +178,7 @@ def edit_spec_text(
     for st in spec.statements:
         if not isinstance(st, ast.Supervise):
             continue
-        st_taps = [t for t, _ in st.taps]
+        st_taps = [canonical(t) for t, _ in st.taps]
         own_taps.update(st_taps)
         keep = [t for t in st_taps if t in wanted]
         drop = [t for t in st_taps if t not in wanted]
@@ -184,7 +194,7 @@ def edit_spec_text(
         else:  # a multi-tap statement losing some taps: unsupervise them right after it
             le = text.find("\n", st.span.end)
             le = len(text) if le == -1 else le + 1
-            edits.append((le, le, f"unsupervise {', '.join(drop)}\n"))
+            edits.append((le, le, f"unsupervise {', '.join(head_of.get(t, t) for t in drop)}\n"))
     inherited = [t for t in existing if t not in own_taps]
     dropped_inherited = [t for t in inherited if t not in wanted]
     kept.extend(t for t in inherited if t in wanted)
@@ -195,7 +205,7 @@ def edit_spec_text(
     chunks = []
     if dropped_inherited:
         chunks.append(f"# cnds-probe: no supervision proposed at {', '.join(dropped_inherited)}\n"
-                      f"unsupervise {', '.join(dropped_inherited)}\n")
+                      f"unsupervise {', '.join(head_of.get(t, t) for t in dropped_inherited)}\n")
     chunks.extend(supervise_block(net, t, alpha, notes.get(t)) for t in added)
     if chunks:
         body = "\n".join(chunks)

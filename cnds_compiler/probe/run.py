@@ -159,14 +159,7 @@ def probe_network(net: Network, settings: ProbeSettings) -> Network:
     if settings.init != "gaussian":
         raise ValueError(f"unknown init '{settings.init}' (gaussian or spec)")
 
-    def layers(ls):
-        return tuple(replace(layer, ops=tuple(_reinit(op, settings.std, settings.bias) for op in layer.ops)) for layer in ls)
-
-    return replace(
-        probe_net,
-        trunk=layers(probe_net.trunk),
-        branches=tuple(replace(b, layers=layers(b.layers)) for b in probe_net.branches),
-    )
+    return replace(probe_net, nodes=tuple(_reinit(n, settings.std, settings.bias) for n in probe_net.nodes))
 
 
 def conv_layers(net: Network) -> tuple[str, ...]:
@@ -232,7 +225,7 @@ class _SourceBatches:
     """Batches of a ``cnds-train --data`` source's training split, cycling through epochs."""
 
     def __init__(self, net: Network, source: str, batch: int, iters: int, seed: int) -> None:
-        from ..train.data import load_source, make_loader
+        from ..data import load_source, make_loader
 
         fit_net, note = net, ""
         k = _source_classes(source)
@@ -305,7 +298,7 @@ def run_probe(net: Network, settings: ProbeSettings = ProbeSettings(), *, progre
         model.train()
         optimizer = make_optimizer(model, cfg) if lr > 0 else None
         convs = {
-            layer.name: [getattr(model, op.name).weight for op in layer.ops if op.kind is OpKind.CONV2D]
+            layer.name: [model.get_submodule(op.name).weight for op in layer.ops if op.kind is OpKind.CONV2D]
             for layer in pnet.trunk if layer.is_conv
         }
         torch.manual_seed(settings.seed)  # dropout masks

@@ -120,9 +120,9 @@ def eval_main(argv: list[str] | None = None) -> int:
         import torch
 
         from ..backends.pytorch import build_module
+        from ..checkpoint import load_checkpoint
+        from ..data import load_source, make_loader
         from ..frontend import compile_spec
-        from .checkpoint import load_checkpoint
-        from .data import load_source, make_loader
         from .trainer import evaluate
 
         net = compile_spec(args.spec)

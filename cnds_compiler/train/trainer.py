@@ -29,11 +29,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..checkpoint import load_checkpoint, save_checkpoint
 from ..errors import CheckpointError, TrainingError
 from ..io import atomic_write_text
 from ..ir import Network, TrainConfig
 from ..serialize import dumps
-from .checkpoint import load_checkpoint, save_checkpoint
 from .loss import alphas, deep_supervision_loss
 from .schedule import lr_factor
 
@@ -93,7 +93,7 @@ class GlobalBatchSampler(torch.utils.data.Sampler[int]):
         self.batches = n // global_batch  # drop the last partial global batch
 
     def __iter__(self) -> Iterator[int]:
-        from .data import mix_seed
+        from ..data import mix_seed
 
         g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
         perm = torch.randperm(self.n, generator=g).tolist()
@@ -317,7 +317,7 @@ class Trainer:
 
     # -- setup
     def _load_data(self):
-        from .data import load_source
+        from ..data import load_source
 
         self.data = load_source(
             self.opts.data, self.net, strict=self.opts.strict, ten_crop=self.opts.ten_crop,
@@ -330,7 +330,7 @@ class Trainer:
             )
 
     def _train_loader(self, epoch: int):
-        from .data import make_loader
+        from ..data import make_loader
 
         sampler = GlobalBatchSampler(
             len(self.data.train), self.micro_batch * self.acc.num_processes, self.cfg.seed, epoch,
@@ -342,7 +342,7 @@ class Trainer:
         return loader
 
     def _val_loader(self):
-        from .data import make_loader
+        from ..data import make_loader
 
         n = len(self.data.val)
         world, rank = self.acc.num_processes, self.acc.process_index
@@ -366,9 +366,15 @@ class Trainer:
                     f"'{self.net.name}'", path=str(self.opts.init_from))
             self.print(report.format(str(self.opts.init_from)))
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
-        self.branch_params = {
-            b.name: [p for p in self.acc.unwrap_model(self.model).aux[b.name].parameters()] for b in self.net.branches
-        }
+        self._idle_params: dict[frozenset[str], list[torch.nn.Parameter]] = {}
+
+    def idle_parameters(self, idle) -> list[torch.nn.Parameter]:
+        """Parameters only the ``idle`` heads (α = 0 this epoch) use; a branch node shared with an active
+        head is not idle."""
+        key = frozenset(idle)
+        if key not in self._idle_params:
+            self._idle_params[key] = self.acc.unwrap_model(self.model).head_parameters(*key, excluding_others=True)
+        return self._idle_params[key]
 
     def _restore(self):
         path = self.out / "last.pt"
@@ -485,16 +491,15 @@ class Trainer:
                 else:
                     loss, parts = deep_supervision_loss(self.net, out.logits, out.aux, labels, weights)
                 if idle and acc.num_processes > 1:
-                    loss = loss + 0.0 * sum(p.sum() for name in idle for p in self.branch_params[name])
+                    loss = loss + 0.0 * sum(p.sum() for p in self.idle_parameters(idle))
                 if not torch.isfinite(loss.detach()):
                     self._non_finite(epoch, parts)
                 acc.backward(loss)
                 if idle and acc.num_processes > 1:
                     # The all-reduce is done; drop the zeros so the optimiser skips the idle branch
                     # (no momentum, no weight decay), exactly as a single process does.
-                    for name in idle:
-                        for p in self.branch_params[name]:
-                            p.grad = None
+                    for p in self.idle_parameters(idle):
+                        p.grad = None
                 if acc.sync_gradients:
                     self._monitor_gradients()
                 self.optimizer.step()
@@ -539,7 +544,7 @@ class Trainer:
         for layer in self.net.trunk:
             for op in layer.ops:
                 if op.kind.value == "conv2d":
-                    g = getattr(model, op.name).weight.grad
+                    g = model.get_submodule(op.name).weight.grad
                     if g is not None:
                         record[layer.name] = float(g.abs().mean())
         self.grad_log.append(record)

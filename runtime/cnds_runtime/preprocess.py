@@ -1,6 +1,6 @@
 """Images → model input, exactly as the training evaluation transform prepares them.
 
-The steps are those of ``cnds_compiler.train.data`` for image files, which equal torchvision's
+The steps are those of ``cnds_compiler.data`` for image files, which equal torchvision's
 ``Resize((RH, RW))`` (PIL bilinear) → ``CenterCrop((H, W))`` → ``ToTensor()`` → ``Normalize(mean, std)``:
 the image is converted to grey ("L") for 1-channel models or RGB for 3-channel ones, resized to the
 metadata's ``resize`` (a cnds export always has one: the spec's ``data.resize``, else the input size),

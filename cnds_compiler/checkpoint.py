@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError
-from ..io import atomic_write_bytes
-from ..ir import Network
+from .errors import CheckpointError
+from .io import atomic_write_bytes
+from .ir import Network
 
 FORMAT = "cnds-checkpoint"
 VERSION = 1
@@ -66,7 +66,7 @@ def check_matches(ckpt: dict[str, Any], net: Network, path: str | Path) -> None:
     """A checkpoint belongs to ``net`` when its IR hash matches (or, for bare state dicts, its keys and shapes)."""
     digest = ckpt.get("ir_hash")
     if digest is not None:
-        if digest != net.digest():
+        if digest != net.digest() and _v1_digest(ckpt) != net.digest():
             other = ckpt.get("spec_name", "another network")
             made = (f"an earlier version of '{other}' whose layers differ" if other == net.name else f"'{other}'")
             raise CheckpointError(
@@ -85,9 +85,24 @@ def check_matches(ckpt: dict[str, Any], net: Network, path: str | Path) -> None:
         raise CheckpointError(f"weights do not fit '{net.name}': {detail}", path=str(path))
 
 
+def _v1_digest(ckpt: dict[str, Any]) -> str | None:
+    """The IR v2 digest of a checkpoint saved with IR v1 (its stored IR read by the v1 reader, which maps a
+    chain to the graph it lowers to today), so checkpoints from before the graph IR keep loading."""
+    from .errors import IRFormatError
+    from .serialize import loads
+
+    text = ckpt.get("spec_text")
+    if not isinstance(text, str) or '"ir_version": 1' not in text:
+        return None
+    try:
+        return loads(text).digest()
+    except IRFormatError:
+        return None
+
+
 def expected_shapes(net: Network) -> dict[str, tuple[int, ...]]:
     """State-dict key → shape of the module ``build_module(net)`` would make, without building it."""
-    from ..backends.pytorch import build_module
+    from .backends.pytorch import build_module
 
     module = build_module(net, materialize=False)
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}

@@ -59,8 +59,8 @@ import torch
 import torch.nn.functional as nnf
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..errors import DataError, did_you_mean
-from ..ir import Network
+from .errors import DataError, did_you_mean
+from .ir import Network
 
 __all__ = [
     "DataSplits", "load_source", "make_loader", "epoch_order", "epoch_sampler", "EpochSampler",
