@@ -11,9 +11,30 @@ from . import ast
 from .errors import CndsError, SpecIncludeError, SpecSyntaxError
 from .source import Source, Span
 
-_PARSER = Lark.open(
-    "cnds.lark", rel_to=__file__, parser="lalr", propagate_positions=True, strict=True, maybe_placeholders=True
-)
+
+def grammar_cache() -> str | bool:
+    """Where lark keeps the built parser tables between runs (building them is most of a spec check's
+    time). Lark names the grammar text, options and its version in a hash it checks on load, so a changed
+    grammar is rebuilt, never served stale. ``False`` (build every time) when no cache folder is writable."""
+    import os
+
+    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cnds"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return str(folder / "grammar") if os.access(folder, os.W_OK) else False
+
+
+def load_grammar(name: str, **options) -> Lark:
+    """A LALR parser for the grammar file ``name`` beside this package's modules, cached across runs."""
+    cache = grammar_cache()
+    if cache:
+        cache = f"{cache}-{Path(name).stem}.lark-cache"
+    return Lark.open(name, rel_to=__file__, parser="lalr", cache=cache, **options)
+
+
+_PARSER = load_grammar("cnds.lark", propagate_positions=True, strict=True, maybe_placeholders=True)
 
 # Malformed snippets and what to tell the user; lark's match_examples picks the closest.
 _SYNTAX_EXAMPLES: dict[str, list[str]] = {

@@ -20,9 +20,11 @@ from lark import Lark, Token, Tree, UnexpectedEOF, UnexpectedInput
 from lark.exceptions import UnexpectedToken
 
 from ..errors import SpecSyntaxError, UnsupportedError
+from ..parser import grammar_cache
 from ..source import Source, Span
 
-_PARSER = Lark.open("caffe.lark", rel_to=__file__, parser="lalr", propagate_positions=True)
+_PARSER = Lark.open("caffe.lark", rel_to=__file__, parser="lalr", propagate_positions=True,
+                    cache=(c := grammar_cache()) and f"{c}-caffe.lark-cache")
 
 # V1 `layers { type: CONVOLUTION }` enum names → current type strings
 _V1_TYPES = {
