@@ -32,6 +32,7 @@ from .metadata import LOGITS, OutputInfo
 from .model import CndsModel, softmax
 from .output import (
     MANIFEST,
+    PARTS_SUFFIX,
     Layout,
     Part,
     ShardStore,
@@ -164,6 +165,8 @@ def extract_local(model: CndsModel, paths: Sequence[str | os.PathLike], out: str
     """
     start = time.perf_counter()
     out = Path(out)
+    paths = [os.fspath(p) for p in paths]
+    check_output(out, model.path, paths, [out.with_name(out.name + PARTS_SUFFIX), Path(str(out) + ".paths.txt")])
     fmt = output_format(out)
     if fmt == "parquet":
         require_pyarrow()
@@ -172,10 +175,8 @@ def extract_local(model: CndsModel, paths: Sequence[str | os.PathLike], out: str
     if fmt == "npy" and (len(outs) > 1 or layout.top_k):
         raise OutputError("a .npy file holds one array: one layer and no --top-k (use .npz or .parquet for more)",
                           str(out))
-    paths = [os.fspath(p) for p in paths]
     size = shard_size_for(layout, shard_size)
     store = ShardStore(out, plan_for(model, paths, layout, size, fmt))
-    check_output(out, model.path, paths, [store.folder, Path(str(out) + ".paths.txt")])
     if out.is_dir():
         raise OutputError("is a folder; name an output file", str(out))
     workers = default_workers() if workers is None else workers
@@ -349,6 +350,8 @@ def extract_ray(model_path: str | os.PathLike, paths: Sequence[str | os.PathLike
     """
     start = time.perf_counter()
     out = Path(out)
+    paths = [os.fspath(p) for p in paths]
+    check_output(out, Path(model_path), paths)
     if output_format(out) != "parquet":
         raise OutputError("the Ray engine writes a folder of Parquet shards: name the output NAME.parquet", str(out))
     require_pyarrow("the Ray engine")
@@ -358,10 +361,10 @@ def extract_ray(model_path: str | os.PathLike, paths: Sequence[str | os.PathLike
     model = CndsModel(model_path, device="cpu", threads=1)  # on the driver: metadata and checks only
     outs = feature_outputs(model, layers)
     layout = make_layout(model, outs, top_k)
-    paths = [os.fspath(p) for p in paths]
     size = shard_size_for(layout, shard_size)
     plan = plan_for(model, paths, layout, size, "parquet-shards")
-    check_output(out, model.path, paths)
+    if address:
+        _check_reachable(address)  # before anything is written
     done = _open_folder(out, plan)
     if on_progress:
         on_progress(sum(len(paths[i * size:(i + 1) * size]) for i in done))
