@@ -300,12 +300,18 @@ def part_table(part: Part, layout: Layout):
     return pa.Table.from_arrays(cols, schema=schema)
 
 
+def _parquet_options(layout: Layout) -> dict:
+    """Dictionary-encode only the class labels: features and paths are (nearly) all distinct, and trying a
+    dictionary on them costs memory and time for nothing."""
+    return {"use_dictionary": ["top_k_label"] if layout.top_k else False}
+
+
 def write_parquet_part(path: Path, part: Part, layout: Layout) -> None:
     """One Parquet file holding ``part``, written atomically."""
     import pyarrow.parquet as pq
 
     with atomic_file(path) as tmp:
-        pq.write_table(part_table(part, layout), tmp)
+        pq.write_table(part_table(part, layout), tmp, **_parquet_options(layout))
 
 
 def _write_parquet(out: Path, store: ShardStore, layout: Layout) -> None:
@@ -313,7 +319,7 @@ def _write_parquet(out: Path, store: ShardStore, layout: Layout) -> None:
     import pyarrow.parquet as pq
 
     with atomic_file(out) as tmp:
-        with pq.ParquetWriter(tmp, parquet_schema(layout)) as writer:
+        with pq.ParquetWriter(tmp, parquet_schema(layout), **_parquet_options(layout)) as writer:
             for part in store.parts():
                 if part.rows:
                     writer.write_table(part_table(part, layout))

@@ -29,16 +29,25 @@ ImageLike = str | os.PathLike | Image.Image | np.ndarray
 def open_image(path: str | os.PathLike) -> Image.Image:
     """Read an image file fully (so a truncated file fails here, naming the file)."""
     try:
-        with Image.open(path) as img:
-            img.load()
-            return img.copy()
+        img = Image.open(path)
     except FileNotFoundError:
         raise ImageError("no such image file", str(path)) from None
     except IsADirectoryError:
         raise ImageError("is a folder, not an image", str(path)) from None
     except UnidentifiedImageError:
         raise ImageError("not an image file Pillow can read", str(path)) from None
-    except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data, permissions
+    except (OSError, ValueError, SyntaxError) as e:  # corrupt header, permissions
+        raise ImageError(f"cannot read image: {e}", str(path)) from None
+    try:
+        # load() reads the pixels and, for a single-frame file opened by name, closes the file itself, so
+        # no copy is needed; multi-frame formats keep their file open: copy that frame and close it
+        img.load()
+        if getattr(img, "fp", None) is not None:
+            with img:
+                return img.copy()
+        return img
+    except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data
+        img.close()
         raise ImageError(f"cannot read image: {e}", str(path)) from None
 
 
