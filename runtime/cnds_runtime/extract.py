@@ -369,7 +369,7 @@ def extract_ray(model_path: str | os.PathLike, paths: Sequence[str | os.PathLike
     if on_progress:
         on_progress(sum(len(paths[i * size:(i + 1) * size]) for i in done))
     todo = [{"shard": i, "paths": paths[i * size:(i + 1) * size]} for i in range(plan["shards"]) if i not in done]
-    started = _connect(ray, address, None) if todo or address else False
+    started = _connect(ray, address, None) if todo else False
     rates: list[float] = []
     rows = skipped = 0
     try:
