@@ -215,6 +215,73 @@ def memory(models: dict[str, Path], paths: list[Path], args, tmp: Path, row) -> 
     return res
 
 
+def variants(models: dict[str, Path], paths: list[Path], args, tmp: Path, row) -> dict:
+    """Where the preparation time goes, and the loader settings that were chosen against."""
+    from cnds_runtime import CndsModel
+    from cnds_runtime.pipeline import BatchLoader
+    from cnds_runtime.preprocess import center_crop, open_image
+    from PIL import Image
+
+    model = CndsModel(models["int8"], device="cpu")
+    pre = model.preprocess
+    (rh, rw), (ch, cw) = pre.resize, pre.size
+    imgs = [open_image(p) for p in paths[:64]]
+    top, left = int(round((rh - ch) / 2.0)), int(round((rw - cw) / 2.0))
+
+    def box_resize(img):  # resize only the source region the centre crop keeps
+        sx, sy = img.size[0] / rw, img.size[1] / rh
+        return img.resize((cw, ch), Image.BILINEAR, box=(left * sx, top * sy, (left + cw) * sx, (top + ch) * sy))
+
+    def cpu_ms(fn, items) -> float:
+        best = float("inf")
+        for _ in range(3):
+            start = time.process_time()
+            for item in items:
+                fn(item)
+            best = min(best, (time.process_time() - start) / len(items) * 1e3)
+        return best
+
+    crops = [pre.load(p) for p in paths[:64]]
+    out = np.empty((pre.channels, ch, cw), np.float32)
+    figures = {"decode": cpu_ms(open_image, paths[:64]),
+               "resize": cpu_ms(lambda im: im.resize((rw, rh), Image.BILINEAR), imgs),
+               "crop": cpu_ms(lambda im: np.asarray(center_crop(im, (ch, cw))), [i.resize((rw, rh)) for i in imgs[:8]]),
+               "normalise": cpu_ms(lambda c: pre.normalise_into(c, out), crops),
+               "box resize": cpu_ms(box_resize, imgs)}
+    diff = [np.abs(np.asarray(box_resize(im), np.int16) - c.astype(np.int16)) for im, c in zip(imgs, crops, strict=True)]
+    figures["box max diff"] = max(int(d.max()) for d in diff)
+    figures["box differing"] = float(np.mean([np.mean(d > 0) for d in diff]))
+    row(f"| prepare one 500x375 JPEG, CPU ms (one thread): decode / resize to {rh}x{rw} / crop / normalise | "
+        f"{figures['decode']:.2f} / {figures['resize']:.2f} / {figures['crop']:.2f} / {figures['normalise']:.2f} | |")
+    row(f"| not taken: resize only the crop's source box | {figures['box resize']:.2f} ms instead of "
+        f"{figures['resize'] + figures['crop']:.2f} | {figures['box differing']:.1%} of pixels differ, by at most "
+        f"{figures['box max diff']}/255 |")
+    n = 2 * args.images
+    files = [paths[i % len(paths)] for i in range(n)]
+    spin, calm = CndsModel(models["int8"], device="cpu"), CndsModel(models["int8"], device="cpu", spinning=False)
+    x = spin.preprocess.batch(paths[:BATCH])
+
+    def run_model():
+        for start in range(0, n, BATCH):
+            spin.run(x[:min(BATCH, n - start)])
+
+    def pipe(m, workers):
+        def run():
+            for prepared in BatchLoader(m.preprocess, batch_size=BATCH, workers=workers)(files):
+                m.run(prepared.array)
+        return run
+
+    r = rounds({"model": run_model, "1 thread, spinning": pipe(spin, 1), "2 threads, spinning": pipe(spin, 2),
+                "1 thread, no spinning": pipe(calm, 1), "2 threads, no spinning (default)": pipe(calm, 2)},
+               args.rounds)
+    base = n / med(r.pop("model"))
+    for name, secs in r.items():
+        figures[name] = n / med(secs) / base
+        row(f"| int8 loader variants: {name} (vs model-only {base:.1f} img/s) | {n / med(secs):.1f} img/s | "
+            f"{figures[name]:.3f} |")
+    return figures
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=5)
@@ -222,7 +289,7 @@ def main() -> None:
     p.add_argument("--ray-images", type=int, default=192, help="images per fp32 Ray round (int8: twice)")
     p.add_argument("--ray-rounds", type=int, default=3)
     p.add_argument("--memory-images", type=lambda s: [int(x) for x in s.split(",")], default=[1000, 10000])
-    p.add_argument("--skip", default="", help="comma list of sections to skip: local, ray, memory")
+    p.add_argument("--skip", default="", help="comma list of sections to skip: local, variants, ray, memory")
     p.add_argument("--work", default=str(ROOT / "runs" / "extract_bench"), help="cached models and images")
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args()
@@ -242,6 +309,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="extract-bench-") as tmp:
         if "local" not in skip:
             figures["local"] = local_vs_model(models, paths, args, Path(tmp), row)
+        if "variants" not in skip:
+            figures["variants"] = variants(models, paths, args, Path(tmp), row)
         if "ray" not in skip:
             figures["ray"] = ray_vs_local(models, paths, args, Path(tmp), row)
         if "memory" not in skip:
