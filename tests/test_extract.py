@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from cnds_runtime import Classifier, CndsModel, FeatureExtractor, Preprocessor
 from cnds_runtime.cli import extract_main
-from cnds_runtime.extract import extract_local, extract_ray
+from cnds_runtime.extract import ShardExtractor, extract_local, extract_ray
 from cnds_runtime.metadata import ModelMetadata
 from cnds_runtime.output import read_features
 from cnds_runtime.pipeline import BatchLoader
@@ -315,3 +315,19 @@ def test_ray_engine_corrupt_image_is_one_line(ray_cluster, models, tmp_path, cap
     assert not list(out.glob(".*")) and not (out / "part-00001.parquet").exists()
     summary = extract_ray(models["fc7"], [str(p) for p in files], out, shard_size=3, skip_bad=True)
     assert summary.images == 5 and summary.skipped == 1 and len(summary.actor_rates) >= 1
+
+
+def test_ray_actor_reports_errors_as_data(models, folder, tmp_path):
+    """What an actor cannot do (a model missing on its node, an unreadable image) comes back as a row that
+    the driver turns into the one-line error, since Ray's wrappers lose the exception's class."""
+    kwargs = dict(out=str(tmp_path), layers=["fc7"], top_k=0, batch_size=4, threads=1, skip_bad=False)
+    missing = ShardExtractor(str(tmp_path / "not-on-this-node.onnx"), **kwargs)
+    files = _sorted_files(folder)[:3]
+    row = missing({"shard": np.array([0]), "paths": np.array([files], dtype=object)})
+    kind, message, path = json.loads(row["error"][0])
+    assert kind == "ModelError" and message == "no such model file" and path.endswith("not-on-this-node.onnx")
+    good = ShardExtractor(str(models["fc7"]), **kwargs)
+    row = good({"shard": np.array([3]), "paths": np.array([files], dtype=object)})
+    assert row["error"][0] == "" and row["rows"][0] == 3 and (tmp_path / "part-00003.parquet").is_file()
+    np.testing.assert_allclose(read_features(tmp_path / "part-00003.parquet", "fc7")[1],
+                               FeatureExtractor(models["fc7"])(files), atol=1e-6)

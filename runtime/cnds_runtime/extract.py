@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import socket
 import time
 import warnings
@@ -216,15 +217,21 @@ class ShardExtractor:
 
     def __init__(self, model: str, *, out: str, layers: Sequence[str], top_k: int, batch_size: int,
                  threads: int, skip_bad: bool) -> None:
-        self.model = CndsModel(model, device="cpu", threads=threads, spinning=False)
-        self.layout = make_layout(self.model, feature_outputs(self.model, layers), top_k)
         self.out, self.batch_size, self.skip_bad = Path(out), batch_size, skip_bad
+        self.error: RuntimeCndsError | None = None
+        try:  # e.g. the model is not at this path on this node: reported by __call__, as data
+            self.model = CndsModel(model, device="cpu", threads=threads, spinning=False)
+            self.layout = make_layout(self.model, feature_outputs(self.model, layers), top_k)
+        except RuntimeCndsError as e:
+            self.error = e
 
     def __call__(self, batch: dict) -> dict:
         shards, rows, skipped, seconds, errors = [], [], [], [], []
         for shard, paths in zip(batch["shard"], batch["paths"], strict=True):
             start = time.perf_counter()
             try:
+                if self.error is not None:
+                    raise self.error
                 # one loader thread: it prepares the next batch while this actor's session runs
                 part = extract_part(self.model, [str(p) for p in paths], self.layout, batch_size=self.batch_size,
                                     workers=1, skip_bad=self.skip_bad)
@@ -277,7 +284,7 @@ def _check_reachable(address: str) -> None:
         raise RuntimeCndsError(f"cannot reach a Ray cluster at {address}: {e.strerror or e}") from None
 
 
-def _connect(ray, address: str | None, cpus: int | None) -> bool:
+def _connect(ray, address: str | None) -> bool:
     """Join the cluster at ``address`` or start a local one (unless this process is already connected);
     True when this call started Ray (so it should stop it)."""
     import logging
@@ -292,7 +299,7 @@ def _connect(ray, address: str | None, cpus: int | None) -> bool:
         if address:
             ray.init(address=address, **kwargs)
         else:
-            ray.init(num_cpus=cpus, **kwargs)
+            ray.init(**kwargs)
     except Exception as e:  # ConnectionError, RuntimeError, ...: one line, the first of Ray's message
         first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
         raise RuntimeCndsError(f"cannot start or join Ray{f' at {address}' if address else ''}: {first[:200]}") \
@@ -369,7 +376,7 @@ def extract_ray(model_path: str | os.PathLike, paths: Sequence[str | os.PathLike
     if on_progress:
         on_progress(sum(len(paths[i * size:(i + 1) * size]) for i in done))
     todo = [{"shard": i, "paths": paths[i * size:(i + 1) * size]} for i in range(plan["shards"]) if i not in done]
-    started = _connect(ray, address, None) if todo else False
+    started = _connect(ray, address) if todo else False
     rates: list[float] = []
     rows = skipped = 0
     try:
@@ -406,8 +413,10 @@ def extract_ray(model_path: str | os.PathLike, paths: Sequence[str | os.PathLike
             except Exception as e:
                 user = _user_error(e)
                 if user is None:
-                    first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-                    raise RuntimeCndsError(f"the Ray job failed: {first[:300]}") from None
+                    # Ray's messages start with a coloured "ray::Actor..." header and end with the cause
+                    lines = [ln for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines() if ln.strip()]
+                    raise RuntimeCndsError(f"the Ray job failed: {(lines[-1] if lines else type(e).__name__)[:300]}") \
+                        from None
                 raise user from None
     finally:
         if started:
