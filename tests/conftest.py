@@ -19,3 +19,16 @@ def shipped_specs() -> list[Path]:
 def spec_dir(tmp_path: Path) -> Path:
     """A temp folder for specs written by a test."""
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray (2 CPUs) for the whole test session: starting one costs seconds."""
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()

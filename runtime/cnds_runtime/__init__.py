@@ -10,6 +10,11 @@ metadata, so it needs nothing else::
     fx = FeatureExtractor("fc7.onnx", layer="fc7")
     feats = fx(["cat.jpg", "dog.jpg"])      # (2, 4096) float32
 
+Extraction to files at scale (what ``cnds-extract`` runs): :func:`cnds_runtime.extract.extract_local`
+(a parallel loader pipeline, ``.npy``/``.npz``/``.parquet`` written in resumable shards) and
+:func:`cnds_runtime.extract.extract_ray` (Ray Data actors, one onnxruntime session each). pyarrow and Ray
+are imported only when Parquet is written or the Ray engine is used.
+
 This package never imports torch or ``cnds_compiler``.
 """
 

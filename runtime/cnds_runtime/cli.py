@@ -7,17 +7,17 @@ User errors (a missing model, a file that is not a cnds export, an unreadable im
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
-from .errors import ModelError, RuntimeCndsError
-from .model import Batch, Classifier, CndsModel, FeatureExtractor, softmax
+from .errors import ImageError, ModelError, RuntimeCndsError
+from .extract import extract_local, extract_ray
+from .model import Batch, Classifier, CndsModel, softmax
+from .output import PARTS_SUFFIX
+from .pipeline import default_workers
 from .preprocess import expand_paths
 
 
@@ -73,6 +73,9 @@ class _CLI:
                 raise
             print(f"{self.prog}: error: {e}", file=sys.stderr)
             return 1
+        except ValueError as e:  # a library argument check (e.g. batch_size) reached from the command line
+            print(f"{self.prog}: error: {e}", file=sys.stderr)
+            return 2
         except KeyboardInterrupt:
             print(f"{self.prog}: interrupted", file=sys.stderr)
             return 130
@@ -99,13 +102,29 @@ class ExtractCLI(_CLI):
     def _make_parser(self) -> argparse.ArgumentParser:
         p = argparse.ArgumentParser(
             prog=self.prog,
-            description="Extract one layer's features from images with a cnds ONNX export. Writes an .npz "
-            "with 'features' (N x ...), 'paths' (the images, in the same order) and 'layer'.",
+            description="Extract features from images with a cnds ONNX export, into .npy, .npz or .parquet (by "
+            "the --out extension). Written in shards: a killed run resumes where it stopped when rerun.",
         )
         p.add_argument("model", help="a .onnx file written by `cnds-compile SPEC --emit onnx`")
         p.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
-        p.add_argument("--layer", help="feature output to save (default: the export's only feature output)")
-        p.add_argument("-o", "--out", default="features.npz", help="output .npz (default: features.npz)")
+        p.add_argument("--layer", action="append", help="feature output(s) to save: --layer fc7, --layer fc7,pool5 "
+                       "or repeated (default: the export's only feature output)")
+        p.add_argument("-o", "--out", default="features.npz",
+                       help="output file: .npz (default features.npz), .npy (one layer) or .parquet; with "
+                       "--engine ray a folder NAME.parquet of Parquet shards")
+        p.add_argument("--top-k", type=int, default=0, help="also store the k most likely classes per image "
+                       "(needs an export with logits; .npz/.parquet)")
+        p.add_argument("--engine", choices=("local", "ray"), default="local",
+                       help="local: this machine (default); ray: Ray Data actors on a local or existing cluster")
+        p.add_argument("--ray-address", help="an existing Ray cluster (HOST:PORT, ray://HOST:PORT or auto); "
+                       "default: start a local Ray for this run")
+        p.add_argument("--workers", type=int, default=None, help="local: image loader workers (default: "
+                       "max(2, CPUs/4)); ray: actors, one onnxruntime session each (default: cluster CPUs / --threads)")
+        p.add_argument("--loader", choices=("threads", "processes"), default="threads",
+                       help="local: decode/resize images on threads (default; Pillow releases the GIL) or processes")
+        p.add_argument("--shard-size", type=int, default=None,
+                       help="images per shard, the unit written, resumed and (ray) scheduled (default: ~32 MB "
+                       "of features)")
         p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                        help="progress bar on stderr (default: when stderr is a terminal)")
         _common(p)
@@ -113,29 +132,49 @@ class ExtractCLI(_CLI):
 
     def _run(self) -> int:
         a = self.args
-        model = CndsModel(a.model, device=a.device, threads=a.threads)
-        extractor = FeatureExtractor(model, a.layer)
+        for name in ("top_k", "shard_size"):
+            if getattr(a, name) is not None and getattr(a, name) < (0 if name == "top_k" else 1):
+                self.parser.error(f"--{name.replace('_', '-')} must be >= {0 if name == 'top_k' else 1}")
+        if a.workers is not None and a.workers < (1 if a.engine == "ray" else 0):
+            self.parser.error("--workers must be >= 1 with --engine ray, >= 0 locally")
+        if a.ray_address and a.engine != "ray":
+            self.parser.error("--ray-address needs --engine ray")
+        layers = [x.strip() for item in a.layer or [] for x in item.split(",") if x.strip()] or None
         paths = self._images()
-        progress = Progress(len(paths), f"{extractor.output.name}", a.progress)
-        feats, kept, skipped = [], [], 0
+        progress = Progress(len(paths), "extract", a.progress)
+
+        def skipped(what) -> None:
+            print(f"{self.prog}: skipped {what}", file=sys.stderr)
+
         try:
-            for batch in extractor.iter_batches(paths, batch_size=a.batch_size, skip_bad=a.skip_bad):
-                feats.append(batch.outputs[extractor.output.name])
-                kept.extend(os.fspath(p) for p in batch.items)
-                skipped += len(batch.skipped)
-                progress.update(len(batch.items) + len(batch.skipped))
-                self._report_skipped(batch)
+            if a.engine == "ray":
+                if a.device == "cuda":
+                    self.parser.error("--engine ray runs the CPU provider on its actors; drop --device cuda")
+                summary = extract_ray(a.model, paths, a.out, address=a.ray_address, workers=a.workers,
+                                      threads=a.threads or 1, layers=layers, top_k=a.top_k, batch_size=a.batch_size,
+                                      skip_bad=a.skip_bad, shard_size=a.shard_size, on_progress=progress.update,
+                                      on_skip=skipped)
+            else:
+                workers = default_workers() if a.workers is None else a.workers
+                model = CndsModel(a.model, device=a.device, threads=a.threads, spinning=workers == 0)
+                try:
+                    summary = extract_local(model, paths, a.out, layers=layers, top_k=a.top_k,
+                                            batch_size=a.batch_size, workers=workers, loader=a.loader,
+                                            skip_bad=a.skip_bad, shard_size=a.shard_size,
+                                            on_progress=progress.update, on_skip=skipped)
+                except ImageError as e:
+                    parts = Path(a.out).with_name(Path(a.out).name + PARTS_SUFFIX)
+                    if any(parts.glob("part-*")):
+                        e.message += f" (finished shards kept in {parts}; rerun with --skip-bad to resume)"
+                    raise
         finally:
             progress.close()
-        features = np.concatenate(feats) if feats else np.zeros((0, *extractor.shape), np.float32)
-        out = Path(a.out)
-        buf = io.BytesIO()
-        np.savez(buf, features=features, paths=np.array(kept, dtype=str), layer=np.array(extractor.output.layer),
-                 spec=np.array(model.metadata.spec_name), ir_hash=np.array(model.metadata.ir_hash))
-        _write_atomic(out, buf.getvalue())
-        shape = "x".join(map(str, extractor.shape))
-        note = f", skipped {skipped} unreadable" if skipped else ""
-        print(f"wrote {out}: {len(kept)} images x {extractor.output.layer} ({shape}){note}")
+        layers_s = ", ".join(f"{lay} ({'x'.join(map(str, shape))})" for lay, shape in
+                             zip(summary.layers, summary.shapes, strict=True))
+        notes = [f"skipped {summary.skipped} unreadable"] if summary.skipped else []
+        if summary.resumed:
+            notes.append(f"resumed: {summary.resumed} of {summary.shards} shards were already done")
+        print(f"wrote {summary.out}: {summary.images} images x {layers_s}" + (f", {', '.join(notes)}" if notes else ""))
         return 0
 
 
@@ -174,17 +213,6 @@ class PredictCLI(_CLI):
         return 0
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except OSError as e:
-        _remove_quietly(tmp)
-        raise RuntimeCndsError(f"cannot write output: {e.strerror or e}", str(path)) from None
-
-
 def extract_main(argv: list[str] | None = None) -> int:
     return ExtractCLI(argv).run()
 
@@ -195,10 +223,3 @@ def predict_main(argv: list[str] | None = None) -> int:
 
 __all__ = ["ExtractCLI", "ModelError", "PredictCLI", "extract_main", "predict_main"]
 
-
-def _remove_quietly(path) -> None:
-    """Remove a temp file if it exists; an unwritable folder must not turn into a second error."""
-    try:
-        path.unlink(missing_ok=True)
-    except OSError:
-        pass

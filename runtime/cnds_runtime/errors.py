@@ -19,6 +19,10 @@ class RuntimeCndsError(Exception):
     def __str__(self) -> str:
         return f"{self.path}: {self.message}" if self.path else self.message
 
+    def __reduce__(self):
+        # keep the path when the error crosses a process boundary (loader processes, Ray actors)
+        return (self.__class__, (self.message, self.path))
+
 
 class ModelError(RuntimeCndsError):
     """A model file is missing, is not ONNX, is not a cnds export, or cannot give what was asked."""
@@ -26,3 +30,7 @@ class ModelError(RuntimeCndsError):
 
 class ImageError(RuntimeCndsError):
     """An image cannot be read or does not fit the model."""
+
+
+class OutputError(RuntimeCndsError):
+    """An output cannot be written: unknown format, unwritable place, or it would overwrite an input."""

@@ -48,8 +48,9 @@ class ModelMetadata:
     class_names: tuple[str, ...]
     """Empty when the spec gave only a class count."""
     outputs: tuple[OutputInfo, ...]
-    resize: tuple[int, int] | None = None
-    """Resize to ``(H, W)`` before the centre crop; ``None`` keeps the image's size."""
+    resize: tuple[int, int] | int | None = None
+    """Resize to ``(H, W)`` before the centre crop; a single number resizes the shorter side to it, keeping the
+    aspect ratio (torchvision's ``Resize(int)``); ``None`` keeps the image's size."""
     mean: tuple[float, ...] = ()
     """Per-channel mean on [0, 1] pixels (empty: 0)."""
     std: tuple[float, ...] = ()
@@ -98,7 +99,7 @@ class ModelMetadata:
             "version": self.cnds_version,
             "input_name": self.input_name,
             "input_shape": list(self.input_shape),
-            "resize": list(self.resize) if self.resize else None,
+            "resize": self.resize if isinstance(self.resize, int) else list(self.resize) if self.resize else None,
             "crop": list(self.crop),
             "mean": list(self.mean),
             "std": list(self.std),
@@ -136,7 +137,7 @@ class ModelMetadata:
                 class_names=tuple(str(c) for c in doc["class_names"]),
                 outputs=tuple(OutputInfo(str(o["name"]), str(o["layer"]), tuple(int(d) for d in o["shape"]))
                               for o in doc["outputs"]),
-                resize=tuple(int(d) for d in doc["resize"]) if doc.get("resize") else None,
+                resize=_resize(doc.get("resize")),
                 mean=tuple(float(m) for m in doc.get("mean", ())),
                 std=tuple(float(s) for s in doc.get("std", ())),
                 precision=str(doc.get("precision", "fp32")),
@@ -147,3 +148,16 @@ class ModelMetadata:
             raise
         except (KeyError, TypeError, ValueError) as e:
             raise ModelError(f"malformed cnds metadata ({e.__class__.__name__}: {e})", path) from None
+
+
+def _resize(value) -> tuple[int, int] | int | None:
+    """``[H, W]`` → a fixed size; ``S`` or ``[S]`` → the shorter side; null → none."""
+    if value is None or value == []:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, list) and len(value) == 1:
+        return int(value[0])
+    if isinstance(value, list) and len(value) == 2:
+        return int(value[0]), int(value[1])
+    raise ValueError(f"resize must be [H, W], S or [S], not {value!r}")

@@ -16,6 +16,7 @@ from PIL import Image
 
 from .errors import ImageError, ModelError
 from .metadata import ModelMetadata, OutputInfo
+from .pipeline import BatchLoader
 from .preprocess import ImageLike, Preprocessor
 from .providers import CPU, choose_providers
 
@@ -31,10 +32,6 @@ def _as_items(images) -> list:
     return list(images)
 
 
-def _label(item) -> str:
-    return os.fspath(item) if isinstance(item, (str, os.PathLike)) else f"<{type(item).__name__}>"
-
-
 class CndsModel:
     """A cnds ONNX export in an onnxruntime session, with the metadata it carries.
 
@@ -42,11 +39,14 @@ class CndsModel:
         path: the ``.onnx`` file written by ``cnds-compile --emit onnx``.
         device: ``"auto"`` (CUDA when a GPU is usable, else CPU), ``"cpu"`` or ``"cuda"``.
         threads: intra-op threads for the CPU provider (default: onnxruntime's choice).
+        spinning: let idle onnxruntime threads spin (onnxruntime's default). Turn it off when other work
+            (image loaders) shares the cores, so waiting threads yield them.
     Raises:
         ModelError: the file is missing, is not ONNX, or is not a cnds export.
     """
 
-    def __init__(self, path: str | os.PathLike, *, device: str = "auto", threads: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, *, device: str = "auto", threads: int | None = None,
+                 spinning: bool = True) -> None:
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -57,6 +57,9 @@ class CndsModel:
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
+        if not spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=choose_providers(device))
         except ModelError:
@@ -116,30 +119,19 @@ class CndsModel:
         return dict(zip(names, values, strict=True))
 
     def iter_batches(
-        self, images, outputs: Sequence[str] | None = None, *, batch_size: int = 32, skip_bad: bool = False
+        self, images, outputs: Sequence[str] | None = None, *, batch_size: int = 32, skip_bad: bool = False,
+        workers: int = 0, loader: str = "threads",
     ) -> Iterator[Batch]:
         """Prepare and run ``images`` in batches; unreadable ones raise :class:`ImageError` or, with
-        ``skip_bad``, are listed in :attr:`Batch.skipped`."""
+        ``skip_bad``, are listed in :attr:`Batch.skipped`. ``workers`` > 0 prepares the next batches on that
+        many ``loader`` threads or processes while the model runs (:mod:`cnds_runtime.pipeline`)."""
         if self.preprocess is None:
             raise ModelError(f"a {self.metadata.input_shape[0]}-channel model takes prepared arrays only "
                              "(use CndsModel.run)", str(self.path))
-        if batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
-        items = _as_items(images)
-        for start in range(0, len(items), batch_size):
-            chunk, kept, arrays, skipped = items[start:start + batch_size], [], [], []
-            for item in chunk:
-                try:
-                    arrays.append(self.preprocess(item))
-                    kept.append(item)
-                except ImageError as e:
-                    if not skip_bad:
-                        if e.path is None:
-                            e.path = _label(item)
-                        raise
-                    skipped.append((item, e))
-            stacked = np.stack(arrays) if arrays else np.zeros((0, *self.metadata.input_shape), np.float32)
-            yield Batch(kept, self.run(stacked, outputs), skipped)
+        load = BatchLoader(self.preprocess, batch_size=batch_size, workers=workers, loader=loader,
+                           skip_bad=skip_bad)
+        for prepared in load(_as_items(images)):
+            yield Batch(prepared.items, self.run(prepared.array, outputs), prepared.skipped)
 
     def __repr__(self) -> str:
         md = self.metadata
@@ -197,12 +189,16 @@ class FeatureExtractor:
         """Per-image feature shape."""
         return self.output.shape
 
-    def iter_batches(self, images, *, batch_size: int = 32, skip_bad: bool = False) -> Iterator[Batch]:
-        return self.model.iter_batches(images, [self.output.name], batch_size=batch_size, skip_bad=skip_bad)
+    def iter_batches(self, images, *, batch_size: int = 32, skip_bad: bool = False, workers: int = 0,
+                     loader: str = "threads") -> Iterator[Batch]:
+        return self.model.iter_batches(images, [self.output.name], batch_size=batch_size, skip_bad=skip_bad,
+                                       workers=workers, loader=loader)
 
-    def __call__(self, images: ImageLike | Iterable[ImageLike], *, batch_size: int = 32) -> np.ndarray:
-        """``(N, *shape)`` float32 features, in input order."""
-        parts = [b.outputs[self.output.name] for b in self.iter_batches(images, batch_size=batch_size)]
+    def __call__(self, images: ImageLike | Iterable[ImageLike], *, batch_size: int = 32,
+                 workers: int = 0) -> np.ndarray:
+        """``(N, *shape)`` float32 features, in input order (``workers``: loader threads, 0 = none)."""
+        parts = [b.outputs[self.output.name] for b in self.iter_batches(images, batch_size=batch_size,
+                                                                         workers=workers)]
         return np.concatenate(parts) if parts else np.zeros((0, *self.shape), np.float32)
 
 

@@ -29,16 +29,25 @@ ImageLike = str | os.PathLike | Image.Image | np.ndarray
 def open_image(path: str | os.PathLike) -> Image.Image:
     """Read an image file fully (so a truncated file fails here, naming the file)."""
     try:
-        with Image.open(path) as img:
-            img.load()
-            return img.copy()
+        img = Image.open(path)
     except FileNotFoundError:
         raise ImageError("no such image file", str(path)) from None
     except IsADirectoryError:
         raise ImageError("is a folder, not an image", str(path)) from None
     except UnidentifiedImageError:
         raise ImageError("not an image file Pillow can read", str(path)) from None
-    except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data, permissions
+    except (OSError, ValueError, SyntaxError) as e:  # corrupt header, permissions
+        raise ImageError(f"cannot read image: {e}", str(path)) from None
+    try:
+        # load() reads the pixels and, for a single-frame file opened by name, closes the file itself, so
+        # no copy is needed; multi-frame formats keep their file open: copy that frame and close it
+        img.load()
+        if getattr(img, "fp", None) is not None:
+            with img:
+                return img.copy()
+        return img
+    except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data
+        img.close()
         raise ImageError(f"cannot read image: {e}", str(path)) from None
 
 
@@ -66,13 +75,18 @@ class Preprocessor:
     channels: int
     size: tuple[int, int]
     """Crop size (H, W): the model's input size."""
-    resize: tuple[int, int] | None = None
+    resize: tuple[int, int] | int | None = None
+    """``(H, W)`` to resize to before the crop; an ``int`` resizes the shorter side to it, keeping the aspect
+    ratio (torchvision's ``Resize(int)``); ``None`` keeps the image's size."""
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.channels not in (1, 3):
             raise ValueError(f"images can feed 1- or 3-channel models only, not {self.channels}-channel ones")
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            if len(values) not in (0, 1, self.channels):
+                raise ValueError(f"{name} has {len(values)} values for a {self.channels}-channel model")
 
     @classmethod
     def from_metadata(cls, md: ModelMetadata) -> Preprocessor:
@@ -91,21 +105,44 @@ class Preprocessor:
         mode = "L" if self.channels == 1 else "RGB"
         return img if img.mode == mode else img.convert(mode)
 
-    def __call__(self, item: ImageLike) -> np.ndarray:
-        """One image → ``(C, H, W)`` float32, resized, centre-cropped, scaled to [0, 1] and normalised."""
+    def load(self, item: ImageLike) -> np.ndarray:
+        """Decode, convert, resize and centre-crop one image: ``(H, W)`` or ``(H, W, 3)`` uint8.
+
+        The expensive half of the transform (Pillow releases the GIL for it, so threads run it in
+        parallel); :meth:`normalise_into` does the rest.
+        """
         img = self.to_image(item)
-        if self.resize is not None:
+        if isinstance(self.resize, int):
+            w, h = img.size
+            short, long = (w, h) if w <= h else (h, w)
+            # torchvision's Resize(int): the shorter side becomes `resize`, the longer one is truncated
+            new_short, new_long = self.resize, int(self.resize * long / short)
+            size = (new_short, new_long) if w <= h else (new_long, new_short)
+            if size != img.size:
+                img = img.resize(size, Image.BILINEAR)
+        elif self.resize is not None:
             h, w = self.resize
             if img.size != (w, h):
                 img = img.resize((w, h), Image.BILINEAR)
         img = center_crop(img, self.size)
-        x = np.asarray(img, dtype=np.float32) / np.float32(255.0)
-        x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)
-        if self.mean:
-            x = x - np.asarray(self.mean, dtype=np.float32).reshape(-1, 1, 1)
-        if self.std:
-            x = x / np.asarray(self.std, dtype=np.float32).reshape(-1, 1, 1)
-        return np.ascontiguousarray(x, dtype=np.float32)
+        return np.asarray(img, dtype=np.uint8)
+
+    def normalise_into(self, pixels: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Scale :meth:`load`'s ``pixels`` to [0, 1] and normalise them straight into ``out`` (``(C, H, W)``
+        float32, e.g. one row of a batch buffer): in place, no temporaries, and bit for bit the values of
+        torchvision's ``ToTensor`` → ``Normalize`` (divide by 255, subtract the mean, divide by the std)."""
+        chw = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+        np.divide(chw, np.float32(255.0), out=out, dtype=np.float32)
+        for c in range(out.shape[0]):
+            if self.mean:
+                out[c] -= np.float32(self.mean[c if len(self.mean) > 1 else 0])
+            if self.std:
+                out[c] /= np.float32(self.std[c if len(self.std) > 1 else 0])
+        return out
+
+    def __call__(self, item: ImageLike) -> np.ndarray:
+        """One image → ``(C, H, W)`` float32, resized, centre-cropped, scaled to [0, 1] and normalised."""
+        return self.normalise_into(self.load(item), np.empty((self.channels, *self.size), np.float32))
 
     def batch(self, items: Sequence[ImageLike]) -> np.ndarray:
         """Several images → ``(N, C, H, W)`` float32."""
