@@ -35,6 +35,8 @@ class OpKind(enum.Enum):
     LRN = "lrn"
     BATCHNORM = "batchnorm"
     GAP = "gap"
+    FLATTEN = "flatten"
+    """A feature map as a vector (``linear`` flattens its input itself; this is for a head ending in ``gap``)."""
     LINEAR = "linear"
     INPUT = "input"
     """The network's input image batch (one per graph, first)."""
@@ -202,6 +204,7 @@ ATTRS_OF_KIND: dict[OpKind, type] = {
     OpKind.LRN: LrnAttrs,
     OpKind.BATCHNORM: BatchNormAttrs,
     OpKind.GAP: NoAttrs,
+    OpKind.FLATTEN: NoAttrs,
     OpKind.LINEAR: LinearAttrs,
     OpKind.INPUT: NoAttrs,
     OpKind.CONCAT: NoAttrs,

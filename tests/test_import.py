@@ -187,16 +187,20 @@ def test_caffe_malformed_file_and_missing_file(tmp_path, capsys):
 # ---- torchvision ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", MODELS)
+# beyond the tested list: an explicit flatten (squeezenet), names that are no words (regnet: block1-0),
+# x.mean([2, 3]) as a global pool (mnasnet)
+@pytest.mark.parametrize("name", MODELS + ("squeezenet1_0", "regnet_x_400mf", "mnasnet0_5"))
 def test_torchvision_import_equals_torchvision(name):
     imported = import_torchvision(name)
     net = compile_text(imported.text, f"{name}.cnds")
     assert sum(layer.params for layer in net.trunk) == imported.params == sum(
         p.numel() for p in imported.model.parameters())
     model = build_module(net, materialize=False)
-    assert set(model.state_dict()) == set(imported.model.state_dict())  # torchvision's names, unchanged
+    assert set(model.state_dict()) == set(imported.state_dict())  # torchvision's names (as words)
+    if name in MODELS:
+        assert set(model.state_dict()) == set(imported.model.state_dict())  # unchanged
     model = build_module(net, seed=0).eval()
-    model.load_state_dict(imported.model.state_dict())
+    model.load_state_dict(imported.state_dict())
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         diff = (model(x).logits - imported.model.eval()(x)).abs().max().item()
@@ -221,6 +225,13 @@ def test_torchvision_import_exports_to_onnx_within_tolerance(name, tmp_path):
     with torch.inference_mode():
         ref = imported.model.eval()(x).numpy()
     assert np.abs(got - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+
+
+def test_torchvision_model_with_unsupported_parts_lists_them_all():
+    with pytest.raises(UnsupportedError) as info:
+        import_torchvision("mobilenet_v2")
+    message = info.value.message
+    assert "35 construct(s) cnds cannot write" in message and "features.0.2: ReLU6 has no cnds op" in message
 
 
 def test_torchvision_cli_writes_spec_and_checkpoint(tmp_path, capsys):
@@ -291,3 +302,36 @@ def test_readme_path_import_supervise_finetune_export_predict(tmp_path):
     image = tmp_path / "d.png"
     Image.fromarray((load_digits().images[3] * 255 / 16).astype(np.uint8)).save(image)
     assert predict_main([str(onnx_path), str(image), "--top-k", "1"]) == 0
+
+
+RESNET_DEPLOY = """name: "TinyResNet"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 16 dim: 16 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param { num_output: 8 kernel_size: 3 pad: 1 bias_term: false } }
+layer { name: "bn1" type: "BatchNorm" bottom: "conv1" top: "conv1" batch_norm_param { eps: 0.001 } }
+layer { name: "scale1" type: "Scale" bottom: "conv1" top: "conv1" scale_param { bias_term: true } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "res/conv" type: "Convolution" bottom: "conv1" top: "res/conv"
+  convolution_param { num_output: 8 kernel_size: 3 pad: 1 bias_term: false } }
+layer { name: "res/bn" type: "BatchNorm" bottom: "res/conv" top: "res/conv" }
+layer { name: "res/scale" type: "Scale" bottom: "res/conv" top: "res/conv" scale_param { bias_term: true } }
+layer { name: "res/sum" type: "Eltwise" bottom: "conv1" bottom: "res/conv" top: "res/sum" eltwise_param { operation: SUM } }
+layer { name: "res/relu" type: "ReLU" bottom: "res/sum" top: "res/sum" }
+layer { name: "pool" type: "Pooling" bottom: "res/sum" top: "pool" pooling_param { pool: AVE global_pooling: true } }
+layer { name: "fc" type: "InnerProduct" bottom: "pool" top: "fc" inner_product_param { num_output: 4 } }
+layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }
+"""
+
+
+def test_caffe_deploy_file_with_batchnorm_scale_and_residual_sum(tmp_path):
+    path = tmp_path / "deploy.prototxt"
+    path.write_text(RESNET_DEPLOY)
+    text = import_caffe(path).text
+    assert "conv1: conv2d(8, 3, pad=1, bias=none) batchnorm(eps=0.001, momentum=0.001) relu" in text
+    assert "res.sum: add(conv1, res.conv) relu" in text
+    net = compile_text(text, str(tmp_path / "deploy.cnds"))
+    assert str(net.input) == "3x16x16" and net.num_classes == 4 and [h.name for h in net.heads] == ["main"]
+    # batchnorm + scale = one affine batchnorm: 2 parameters per channel, as Caffe's BatchNorm + Scale hold
+    assert net.layer("conv1").params == 8 * 3 * 9 + 2 * 8
+    model = build_module(net, seed=0).eval()
+    assert model(torch.randn(2, 3, 16, 16)).logits.shape == (2, 4)

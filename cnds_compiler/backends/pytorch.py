@@ -114,6 +114,8 @@ def make_module(op: Node, inplace_ok: bool) -> nn.Module:
     if op.kind is OpKind.BATCHNORM:
         cls = nn.BatchNorm2d if x.spatial else nn.BatchNorm1d
         return cls(x.dims[0], eps=a.eps, momentum=a.momentum)
+    if op.kind is OpKind.FLATTEN:
+        return nn.Flatten()
     if op.kind is OpKind.GAP:
         return nn.AdaptiveAvgPool2d(1)
     raise NotImplementedError(op.kind)

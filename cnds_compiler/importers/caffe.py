@@ -153,6 +153,8 @@ class _Importer:
         self.net, self.path = net, path
         self.name = _ident(name or str(net.get("name", path.stem)))
         self.input_shape = input_shape
+        self.notes: list[str] = []
+        """Things the reader should know, written as comments at the top of the spec."""
         self.layers: list[Layer] = []
         for msg, span in ((v, s) for k, v, s in net.fields if k in ("layer", "layers")):  # in file order
             raw = msg.get("type", "")
@@ -208,6 +210,9 @@ class _Importer:
             if crop and not dims:
                 dims = [1, 3, int(crop), int(crop)]
             means = t.all("mean_value")
+            if t.get("mean_file"):
+                self.notes.append(f"mean_file {t.get('mean_file')!r} is a binary mean image cnds does not read; "
+                                  "give its per-channel mean as data { mean [r, g, b] } (on [0, 1] pixels)")
             parts = []
             if means:  # Caffe subtracts BGR means on 0-255 pixels; cnds means are RGB on [0, 1]
                 rgb = list(reversed(means)) if len(means) == 3 else means
@@ -328,7 +333,7 @@ class _Importer:
         if layer.type == "Convolution":
             p = m.msg("convolution_param")
             k = p.get("kernel_size", None)
-            kernel = _num(k) if k is not None else f"[{p.get('kernel_h')}, {p.get('kernel_w')}]"
+            kernel = _num(k) if k is not None else f"kernel=[{p.get('kernel_h')}, {p.get('kernel_w')}]"
             args = [_num(p.get("num_output")), kernel]
             for key, name, default in (("stride", "stride", 1), ("pad", "pad", 0), ("group", "groups", 1),
                                        ("dilation", "dilation", 1)):
@@ -391,6 +396,7 @@ class _Importer:
             "# layer group (a layer and the in-place layers that rewrite its blob); loss layers are heads: the",
             "# main head is the loss with the greatest loss_weight (ties: the deepest), the others supervision",
             "# branches with their loss_weight as a constant weight.",
+            *(f"# NOTE: {note}" for note in dict.fromkeys(self.notes)),
             f"network {self.name}",
             f"input {c}x{h}x{w}",
             f"classes {classes}" if classes else "classes 2",

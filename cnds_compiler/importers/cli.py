@@ -88,7 +88,7 @@ def _import(args, out: Path):
             weights = Path(args.weights)
             if weights.resolve() == out.with_suffix(".pt").resolve():
                 raise OutputError("the checkpoint would overwrite the weights it is made from", path=str(weights))
-            state = _checkpoint(net, load_state_dict(weights, imported.model))
+            state = _checkpoint(net, imported.state_dict(load_state_dict(weights, imported.model)))
         return text, state, imported.params
     path = Path(source)
     if not path.exists():

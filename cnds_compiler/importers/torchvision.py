@@ -11,6 +11,8 @@ construct that cannot be written is collected, and all are reported at once.
 from __future__ import annotations
 
 import operator
+import re
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +37,11 @@ class TorchvisionImport:
     model: nn.Module
     params: int
 
+    def state_dict(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """``state`` (default: the model's own) under the spec's names."""
+        state = self.model.state_dict() if state is None else state
+        return {spec_name(k): v for k, v in state.items()}
+
 
 @dataclass
 class _Writer:
@@ -42,8 +49,9 @@ class _Writer:
     shapes: dict[str, tuple[int, ...]]
     classes: int
     lines: list[str] = field(default_factory=list)
-    value: dict[str, str] = field(default_factory=dict)
-    """fx node name → the spec value that holds it."""
+    value: dict[str, str] = field(default_factory=lambda: defaultdict(lambda: "in"))
+    """fx node name → the spec value that holds it (``in`` stands in after an unsupported node: the
+    import goes on only to report every problem at once)."""
     taken: set[str] = field(default_factory=set)
     calls: dict[str, int] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
@@ -58,7 +66,7 @@ class _Writer:
         return name
 
     def emit(self, name: str, sources: list[str], op: str) -> str:
-        name = self.unique(name)
+        name = self.unique(spec_name(name))
         head = "" if not sources or sources == [self.previous] else f"{', '.join(sources)} -> "
         self.lines.append(f"{name}: {head}{op}")
         self.previous = name
@@ -66,6 +74,12 @@ class _Writer:
 
     def alias(self, node: fx.Node, source: fx.Node) -> None:
         self.value[node.name] = self.value[source.name]
+
+
+def spec_name(module_path: str) -> str:
+    """A module path as a cnds name: each part a word (``block1-0`` → ``block1_0``); state-dict keys map the
+    same way (:meth:`TorchvisionImport.state_dict`)."""
+    return ".".join(re.sub(r"\W", "_", part) for part in module_path.split("."))
 
 
 def _pair(v) -> int | str:
@@ -79,7 +93,8 @@ def _module_op(m: nn.Module, w: _Writer, target: str, in_shape: tuple[int, ...],
     if isinstance(m, nn.Conv2d):
         if m.padding_mode != "zeros" or isinstance(m.padding, str):
             w.problems.append(f"{target}: Conv2d padding {m.padding!r} / mode {m.padding_mode!r}")
-        args = [str(m.out_channels), str(_pair(m.kernel_size))]
+        kernel = _pair(m.kernel_size)
+        args = [str(m.out_channels), str(kernel) if isinstance(kernel, int) else f"kernel={kernel}"]
         for key, value, default in (("stride", m.stride, 1), ("pad", m.padding, 0), ("groups", m.groups, 1),
                                     ("dilation", m.dilation, 1)):
             text = _pair(value) if key != "groups" else value
@@ -108,9 +123,10 @@ def _module_op(m: nn.Module, w: _Writer, target: str, in_shape: tuple[int, ...],
             w.problems.append(f"{target}: AvgPool2d that leaves padding out of the average")
         if kind == "avgpool" and getattr(m, "divisor_override", None):
             w.problems.append(f"{target}: AvgPool2d with divisor_override")
-        args = [str(_pair(m.kernel_size))]
+        kernel = _pair(m.kernel_size)
+        args = [str(kernel) if isinstance(kernel, int) else f"kernel={kernel}"]
         stride = _pair(m.stride if m.stride is not None else m.kernel_size)
-        if stride != args[0]:
+        if stride != kernel:
             args.append(f"stride={stride}")
         if pad != 0:
             args.append(f"pad={pad}")
@@ -133,7 +149,7 @@ def _adaptive(where: str, w: _Writer, in_shape, out_shape) -> str | None:
         return None
     if ih % oh == 0 and iw % ow == 0:
         k = _pair((ih // oh, iw // ow))
-        return f"avgpool({k})"
+        return f"avgpool({k})" if isinstance(k, int) else f"avgpool(kernel={k})"
     w.problems.append(f"{where}: adaptive average pooling from {ih}x{iw} to {oh}x{ow} is no fixed pooling")
     return None
 
@@ -206,9 +222,11 @@ def _module_call(node: fx.Node, w: _Writer) -> None:
     w.calls[target] = w.calls.get(target, 0) + 1
     if w.calls[target] > 1 and any(True for _ in m.parameters()):
         w.problems.append(f"{target}: a module with parameters called twice (shared weights)")
-    (arg,) = [a for a in node.args if isinstance(a, fx.Node)] or [None]
+    nodes = [a for a in node.args if isinstance(a, fx.Node)]
+    arg = nodes[0] if nodes else None
     if arg is None or len(node.args) != 1 or node.kwargs:
         w.problems.append(f"{target}: a module called with {len(node.args)} arguments")
+        w.value[node.name] = w.value.get(arg.name, "in") if arg is not None else "in"
         return
     op = _module_op(m, w, target, w.shapes.get(arg.name, ()), w.shapes.get(node.name, ()))
     if op is None:
@@ -241,7 +259,13 @@ def _function_call(node: fx.Node, w: _Writer) -> None:
         w.value[node.name] = w.emit(f"{where}.cat" if where else "cat", [], f"concat({', '.join(values)})")
         return
     if fn in _FLATTEN:
-        w.alias(node, inputs[0])  # cnds' linear flattens a feature map itself
+        users = list(node.users)
+        if users and all(u.op == "call_module" and isinstance(w.model.get_submodule(str(u.target)), nn.Linear)
+                         for u in users):
+            w.alias(node, inputs[0])  # cnds' linear flattens a feature map itself
+        else:
+            value = w.value[inputs[0].name]
+            w.value[node.name] = w.emit(_named([value], "flatten"), [value], "flatten")
         return
     if fn in _RELU:
         value = w.value[inputs[0].name]
@@ -259,11 +283,48 @@ def _function_call(node: fx.Node, w: _Writer) -> None:
             value = w.value[inputs[0].name]
             w.value[node.name] = w.emit(_named([value], "avgpool"), [value], op)
         return
+    if fn == "mean" and tuple(node.args[1:2]) in (([2, 3],), ((2, 3),), ([-2, -1],), ((-2, -1),)):
+        keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+        value = w.value[inputs[0].name]
+        linear_next = all(u.op == "call_module" and isinstance(w.model.get_submodule(str(u.target)), nn.Linear)
+                          for u in node.users)
+        ops = "gap" if keep or linear_next else "gap flatten"  # x.mean([2, 3]): a global average pool
+        w.value[node.name] = w.emit(_named([value], "mean"), [value], ops)
+        return
     if fn is F.dropout and not node.kwargs.get("training", False):
         w.alias(node, inputs[0])  # functional dropout in eval: the identity
         return
+    if fn in (F.avg_pool2d, F.max_pool2d):
+        op = _functional_pool(node, fn is F.max_pool2d, w)
+        if op is not None:
+            value = w.value[inputs[0].name]
+            w.value[node.name] = w.emit(_named([value], op.split("(")[0]), [value], op)
+            return
     shown = getattr(fn, "__name__", str(fn))
     w.problems.append(f"{node.name}: {node.op} {shown}")
+    w.alias(node, inputs[0]) if inputs else w.value.setdefault(node.name, "in")  # go on: report all at once
+
+
+def _functional_pool(node: fx.Node, is_max: bool, w: _Writer) -> str | None:
+    """``F.max_pool2d``/``F.avg_pool2d`` with constant arguments as a cnds pool op."""
+    names = ["input", "kernel_size", "stride", "padding"] + (["dilation", "ceil_mode"] if is_max else
+                                                            ["ceil_mode", "count_include_pad", "divisor_override"])
+    bound = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
+    kernel = bound.get("kernel_size")
+    stride = bound.get("stride") or kernel
+    pad = bound.get("padding", 0)
+    if (is_max and _pair(bound.get("dilation", 1)) != 1) or bound.get("divisor_override") or (
+            not is_max and _pair(pad) != 0 and bound.get("count_include_pad", True) is False):
+        w.problems.append(f"{node.name}: {'max' if is_max else 'avg'}_pool2d with settings cnds pools lack")
+        return None
+    args = [str(_pair(kernel)) if isinstance(_pair(kernel), int) else f"kernel={_pair(kernel)}"]
+    if _pair(stride) != _pair(kernel):
+        args.append(f"stride={_pair(stride)}")
+    if _pair(pad) != 0:
+        args.append(f"pad={_pair(pad)}")
+    if bound.get("ceil_mode"):
+        args.append("round=ceil")
+    return f"{'maxpool' if is_max else 'avgpool'}({', '.join(args)})"
 
 
 def _named(values: list[str], fn: str) -> str:

@@ -93,6 +93,7 @@ SIGNATURES: dict[OpKind, Signature] = {
     OpKind.AVGPOOL: OpSignature((("kernel", REQUIRED), ("stride", None), ("pad", 0), ("round", None)), _pool),
     OpKind.RELU: OpSignature((), lambda b, s, d: NoAttrs()),
     OpKind.GAP: OpSignature((), lambda b, s, d: NoAttrs()),
+    OpKind.FLATTEN: OpSignature((), lambda b, s, d: NoAttrs()),
     OpKind.DROPOUT: OpSignature(
         (("p", 0.5),), lambda b, s, d: DropoutAttrs(as_float(b["p"], s["p"], "dropout p", 0.0, 0.99))
     ),

@@ -24,7 +24,7 @@ def op_cost(op: Node) -> tuple[int, int]:
         return 0, y.numel * a.kernel[0] * a.kernel[1]
     if op.kind is OpKind.LRN:
         return 0, x.numel * (a.size + 3)
-    if op.kind in (OpKind.DROPOUT, OpKind.INPUT, OpKind.CONCAT):
+    if op.kind in (OpKind.DROPOUT, OpKind.INPUT, OpKind.CONCAT, OpKind.FLATTEN):
         return 0, 0  # identity at inference; a copy
     if op.kind is OpKind.ADD:
         return 0, y.numel * (len(op.inputs) - 1)

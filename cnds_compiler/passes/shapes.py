@@ -52,6 +52,8 @@ def infer_op(op: Node, x: Shape) -> Shape:
             raise _fail(op, f"{a.kernel[0]}x{a.kernel[1]} pooling window does not fit the {h}x{w} input")
         return Shape((c, pool_out(h, a.kernel[0], a.stride[0], a.pad[0], a.ceil),
                       pool_out(w, a.kernel[1], a.stride[1], a.pad[1], a.ceil)))
+    if kind is OpKind.FLATTEN:
+        return Shape((x.numel,))
     if kind is OpKind.GAP:
         return Shape((x.dims[0], 1, 1))
     if kind is OpKind.LINEAR:
