@@ -335,3 +335,14 @@ def test_caffe_deploy_file_with_batchnorm_scale_and_residual_sum(tmp_path):
     assert net.layer("conv1").params == 8 * 3 * 9 + 2 * 8
     model = build_module(net, seed=0).eval()
     assert model(torch.randn(2, 3, 16, 16)).logits.shape == (2, 4)
+
+
+def test_caffe_exact_repeats_become_one_repeated_statement(tmp_path):
+    layers = "".join(conv_layer(f"conv3_{i}", "data" if i == 1 else f"conv3_{i - 1}", 8, 3, pad=1) for i in (1, 2, 3))
+    path = tmp_path / "rep.prototxt"
+    path.write_text('name: "Rep"\ninput: "data"\ninput_dim: 1 input_dim: 3 input_dim: 16 input_dim: 16\n' + layers
+                    + fc_layer("fc", "conv3_3", 4))
+    text = import_caffe(path).text
+    assert "conv3_{1,2,3}: conv2d(8, 3, pad=1, bias=0.2, init=xavier) relu" in text
+    net = compile_text(text, str(tmp_path / "rep.cnds"))
+    assert [layer.name for layer in net.trunk] == ["conv3_1", "conv3_2", "conv3_3", "fc"]

@@ -409,9 +409,10 @@ class _Importer:
             lines.append(solver)
         lines.append("")
         previous = "in"
-        for st in top_level:
-            lines.append(self._statement(st, previous, classes))
-            previous = st["name"]
+        written = [self._statement(st, "in" if i == 0 else top_level[i - 1]["name"], classes)
+                   for i, st in enumerate(top_level)]
+        lines.extend(_repetitions(written))
+        previous = top_level[-1]["name"] if top_level else previous
         for loss, own in heads:
             weight = float(loss.msg.get("loss_weight", 1))
             kind = _LOSSES[loss.type]
@@ -449,6 +450,7 @@ class _Importer:
 
     @staticmethod
     def _statement(st: dict, previous: str, classes, strip: str = "") -> str:
+        """``name: [sources ->] ops``; sources only when it does not read the previous statement."""
         sources = [s[len(strip):] if strip and s.startswith(strip) else s for s in st["sources"]]
         ops = list(st["ops"])
         if ops[0] in ("concat", "add"):
@@ -458,3 +460,35 @@ class _Importer:
         if classes and ops[0].startswith(f"linear({classes}"):
             ops[0] = ops[0].replace(f"linear({classes}", "linear(classes", 1)
         return f"{st['name']}: {head}{' '.join(ops)}"
+
+
+def _repetitions(lines: list[str]) -> list[str]:
+    """Exact repeats as one repeated statement: ``conv3_1: X`` then ``conv3_2: X`` (same ops, each reading
+    the one before) become ``conv3_{1,2}: X``, which names its layers exactly so."""
+    out: list[str] = []
+    run: list[tuple[str, str, str]] = []  # (prefix, suffix, body)
+
+    def flush() -> None:
+        if len(run) > 1:
+            prefix, body = run[0][0], run[0][2]
+            dot = "." if prefix.endswith(".") else ""
+            out.append(f"{prefix.removesuffix('.')}{dot}{{{','.join(s for _, s, _ in run)}}}: {body}")
+        elif run:
+            out.append(f"{run[0][0]}{run[0][1]}: {run[0][2]}")
+        run.clear()
+
+    for line in lines:
+        name, body = line.split(": ", 1)
+        m = re.fullmatch(r"(.*?[._]?)(\d+)", name)
+        implicit = "->" not in body and not body.startswith(("concat(", "add("))
+        if m and implicit and run and run[-1][0] == m.group(1) and run[-1][2] == body \
+                and int(m.group(2)) == int(run[-1][1]) + 1 and m.group(2) == str(int(m.group(2))):
+            run.append((m.group(1), m.group(2), body))
+            continue
+        flush()
+        if m and implicit and m.group(2) == str(int(m.group(2))):
+            run.append((m.group(1), m.group(2), body))
+        else:
+            out.append(line)
+    flush()
+    return out
