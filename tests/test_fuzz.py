@@ -28,6 +28,9 @@ from cnds_compiler.serialize import dumps, loads
 
 from .conftest import SPECS, shipped_specs
 
+# Mutations often leave a value unused: the warning is expected here, the errors are what is checked.
+pytestmark = pytest.mark.filterwarnings("ignore::cnds_compiler.errors.SpecWarning")
+
 FUZZ = settings(
     deadline=None,
     derandomize=True,
