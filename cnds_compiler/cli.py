@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 from .errors import CndsError, report
@@ -94,13 +93,13 @@ class CompileCLI:
 
     def _load(self):
         from .frontend import compile_spec
-        from .passes import DEFAULT_PIPELINE, PassPipeline
-        from .serialize import dumps, read_ir
+        from .passes import DEFAULT_PIPELINE
+        from .serialize import dumps
 
         a = self.args
         names = tuple(n.strip() for n in a.passes.split(",")) if a.passes else DEFAULT_PIPELINE
 
-        def callback(p, before, after, seconds):
+        def callback(p, before, after, seconds):  # passes, and the stage that makes the IR (lower / read-ir)
             if a.time_passes:
                 print(f"{p.name:>20}: {seconds * 1e3:7.2f} ms", file=sys.stderr)
             if a.print_between_passes:
@@ -108,12 +107,6 @@ class CompileCLI:
                 print(dumps(after), end="")
 
         try:
-            if a.spec.endswith(".json"):
-                start = time.perf_counter()
-                net = read_ir(a.spec)
-                if a.time_passes:
-                    print(f"{'read-ir':>20}: {(time.perf_counter() - start) * 1e3:7.2f} ms", file=sys.stderr)
-                return PassPipeline.from_names(names, callback).apply(net)
             return compile_spec(a.spec, passes=names, callback=callback)
         except ValueError as e:  # unknown pass name in -p
             self.parser.error(str(e))

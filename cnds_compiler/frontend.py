@@ -17,9 +17,14 @@ def compile_spec(
     callback: PassCallback | None = None,
 ) -> Network:
     """Parse ``path`` (following ``extends``), lower it to the IR graph and run ``passes``; return the
-    checked IR. The lowering runs under ``callback`` too, as the stage ``lower``."""
-    spec = parse_file(path)
+    checked IR. The lowering runs under ``callback`` too, as the stage ``lower``. An IR JSON file
+    (``.json``, as ``cnds-compile --emit ir`` writes) is read instead and checked by the same passes."""
     pipeline = PassPipeline.from_names(passes, callback)
+    if str(path).endswith(".json"):
+        from .serialize import read_ir
+
+        return pipeline.apply(pipeline.run_stage("read-ir", lambda: read_ir(path)))
+    spec = parse_file(path)
     return pipeline.apply(pipeline.run_stage(LOWER_STAGE, lambda: lower(spec, path)))
 
 

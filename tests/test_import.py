@@ -284,7 +284,7 @@ def test_readme_path_import_supervise_finetune_export_predict(tmp_path):
                           "--cpu", "--init-from", str(tmp_path / "resnet18.pt")],
                          capture_output=True, text=True, env=_env(), timeout=600)
     assert run.returncode == 0, run.stderr
-    assert "copied" in run.stdout and "fc.weight" in run.stdout  # the 1000-class fc did not fit: left out
+    assert "copied" in run.stdout and "fc (weight, bias shape differs)" in run.stdout  # the 1000-class fc: left
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert set(rows[0]["val_top1_error"]) == {"main", "aux2", "aux3"}
     onnx_path = tmp_path / "r.onnx"

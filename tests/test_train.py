@@ -127,8 +127,12 @@ def test_init_from_copies_matching_names_and_shapes(tmp_path):
     assert "conv1.weight" in report.copied and torch.equal(dst.conv1.weight, src.conv1.weight)
     assert "fc6.weight" in report.shape_mismatch and torch.equal(dst.fc6.weight, before["fc6.weight"])
     assert "fc7.weight" in report.shape_mismatch  # fc7's input width changed with fc6
+    # whole layers or nothing: fc7's bias has the right shape but its weight does not, so it stays too
+    assert "fc7.bias" not in report.copied and torch.equal(dst.fc7.bias, before["fc7.bias"])
+    assert ("fc7", "weight shape differs") in report.left_layers and "conv1" in report.copied_layers
     assert not any(k.startswith("aux.") for k in report.copied)
-    assert "copied" in report.format("src.pt")
+    text = report.format("src.pt")
+    assert "copied" in text and "fc7 (weight shape differs)" in text
 
 
 def test_checkpoint_from_another_spec_is_refused(tmp_path):

@@ -31,7 +31,10 @@ AUX_PREFIX = "aux."
 
 @dataclass
 class CndsOutput:
-    """What every forward returns.
+    """What every forward returns, in train and eval alike.
+
+    Where a tensor is expected it stands for the main logits: tensor methods (``model(x).argmax(1)``) and
+    torch functions (``torch.softmax(model(x), 1)``, ``F.cross_entropy(model(x), y)``) see ``logits``.
 
     Attributes:
         logits: main-head logits, ``(batch, classes)``.
@@ -40,6 +43,22 @@ class CndsOutput:
 
     logits: torch.Tensor
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name in ("logits", "aux"):  # copy/pickle probes; fields not set yet
+            raise AttributeError(name)
+        return getattr(self.logits, name)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        def main(value):
+            if isinstance(value, CndsOutput):
+                return value.logits
+            if isinstance(value, (list, tuple)):
+                return type(value)(main(v) for v in value)
+            return value
+
+        return func(*main(tuple(args)), **{k: main(v) for k, v in (kwargs or {}).items()})
 
 
 @dataclass(frozen=True, slots=True)

@@ -114,6 +114,8 @@ def eval_main(argv: list[str] | None = None) -> int:
     p.add_argument("spec", help="the .cnds spec the checkpoint was trained from")
     p.add_argument("checkpoint", help="a checkpoint (last.pt / best.pt)")
     p.add_argument("--batch-size", type=_count(1), default=256)
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    p.add_argument("--per-class", action="store_true", help="also the main head's top-1 error per class")
     _common(p)
     args = p.parse_args(argv)
     try:
@@ -133,13 +135,33 @@ def eval_main(argv: list[str] | None = None) -> int:
         loader = make_loader(data.val, args.batch_size, shuffle=False, workers=args.workers)
         device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
         model.to(device)
-        top1, top5, skipped = evaluate(model, loader, device, model.branch_names, ten_crop=args.ten_crop)
+        per_class = torch.zeros(net.num_classes, 2, dtype=torch.float64)
+        top1, top5, skipped = evaluate(model, loader, device, model.branch_names, ten_crop=args.ten_crop,
+                                       per_class=per_class)
     except CndsError as e:
         return report(e, args.traceback)
+    names = net.class_names or tuple(str(i) for i in range(net.num_classes))
+    classes = [{"class": name, "examples": int(n), "top1_error": (float(w) / n) if n else None}
+               for name, (n, w) in zip(names, per_class.tolist(), strict=True)]
+    if args.json:
+        import json
+
+        doc = {"spec": net.name, "checkpoint": str(args.checkpoint), "data": data.description,
+               "examples": int(per_class[:, 0].sum()), "skipped": skipped,
+               "heads": {h: {"top1_error": top1[h], "top5_error": top5[h]} for h in top1}}
+        if args.per_class:
+            doc["per_class"] = classes
+        print(json.dumps(doc, indent=1))
+        return 0
     print(f"{net.name} on {data.description}" + (f" ({skipped} unreadable images skipped)" if skipped else ""))
     print(f"{'head':<16}{'top-1 error %':>15}{'top-5 error %':>15}")
     for head in top1:
         print(f"{head:<16}{top1[head] * 100:>15.2f}{top5[head] * 100:>15.2f}")
+    if args.per_class:
+        print(f"\n{'class (main head)':<20}{'examples':>10}{'top-1 error %':>15}")
+        for c in classes:
+            error = "-" if c["top1_error"] is None else f"{c['top1_error'] * 100:.2f}"
+            print(f"{c['class']:<20}{c['examples']:>10}{error:>15}")
     return 0
 
 

@@ -21,7 +21,7 @@ import io
 import json
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,8 @@ class RunOptions:
     """Record per-layer mean |grad| every this many steps (0 = off)."""
     max_steps: int | None = None
     """Stop after this many optimizer steps in total (for smoke tests and benchmarks)."""
+    callbacks: tuple[Callable[[EpochMetrics], None], ...] = ()
+    """Called on the main process after every epoch (its checkpoint saved) with that epoch's metrics."""
 
 
 @dataclass
@@ -184,37 +186,52 @@ def seed_everything(seed: int) -> None:
 @dataclass(frozen=True)
 class InitReport:
     copied: tuple[str, ...]
+    """Tensors copied (every tensor of each copied layer)."""
     shape_mismatch: tuple[str, ...]
+    """Tensors whose shape differs in the source."""
     left_random: tuple[str, ...]
+    """Tensors left as initialised (their layer did not fit as a whole)."""
+    copied_layers: tuple[str, ...] = ()
+    left_layers: tuple[tuple[str, str], ...] = ()
+    """(layer, why) for every layer left as initialised."""
 
     def format(self, source: str) -> str:
-        lines = [f"init-from {source}: copied {len(self.copied)} tensors, {len(self.left_random)} left as initialised"]
-        if self.copied:
-            lines.append("  copied:      " + ", ".join(self.copied))
-        if self.shape_mismatch:
-            lines.append("  shape differs (left as initialised): " + ", ".join(self.shape_mismatch))
-        others = [k for k in self.left_random if k not in self.shape_mismatch]
-        if others:
-            lines.append("  not in source (left as initialised): " + ", ".join(others))
+        lines = [f"init-from {source}: copied {len(self.copied_layers)} layers ({len(self.copied)} tensors), "
+                 f"{len(self.left_layers)} layers left as initialised"]
+        if self.copied_layers:
+            lines.append("  copied:      " + ", ".join(self.copied_layers))
+        if self.left_layers:
+            lines.append("  left as initialised: " + ", ".join(f"{name} ({why})" for name, why in self.left_layers))
         return "\n".join(lines)
 
 
 def init_from(model: torch.nn.Module, path: str | Path) -> InitReport:
-    """Copy every tensor whose name and shape match from another model's checkpoint (any spec)."""
+    """Copy from another model's checkpoint (any spec) every layer whose tensors all match by name and
+    shape — whole layers or nothing: a layer whose weight does not fit keeps its own bias and batchnorm
+    statistics too, so no layer mixes two networks."""
     source = load_checkpoint(path)["model"]
     own = model.state_dict()
-    copied, mismatch, missing = [], [], []
+    layers: dict[str, list[str]] = {}
+    for key in own:
+        layers.setdefault(key.rsplit(".", 1)[0], []).append(key)
+    copied, mismatch, left, copied_layers, left_layers = [], [], [], [], []
     with torch.no_grad():
-        for key, tensor in own.items():
-            if key in source and tuple(source[key].shape) == tuple(tensor.shape):
-                tensor.copy_(source[key])
-                copied.append(key)
-            elif key in source:
-                mismatch.append(key)
-                missing.append(key)
-            else:
-                missing.append(key)
-    return InitReport(tuple(copied), tuple(mismatch), tuple(missing))
+        for layer, keys in layers.items():
+            absent = [k for k in keys if k not in source]
+            wrong = [k for k in keys if k in source and tuple(source[k].shape) != tuple(own[k].shape)]
+            if absent or wrong:
+                mismatch.extend(wrong)
+                left.extend(keys)
+                short = lambda ks: ", ".join(k.rsplit(".", 1)[1] for k in ks)  # noqa: E731
+                why = (f"{short(wrong)} shape differs" if wrong else "") + ("; " if wrong and absent else "") + (
+                    f"{short(absent)} not in the source" if absent else "")
+                left_layers.append((layer, why))
+                continue
+            for k in keys:
+                own[k].copy_(source[k])
+            copied.extend(keys)
+            copied_layers.append(layer)
+    return InitReport(tuple(copied), tuple(mismatch), tuple(left), tuple(copied_layers), tuple(left_layers))
 
 
 # ---- evaluation -------------------------------------------------------------------------------------
@@ -229,8 +246,12 @@ def topk_errors(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[i
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, branches: tuple[str, ...], ten_crop: bool = False, reduce=None):
-    """Top-1/top-5 error of the main head and of every branch head over ``loader``."""
+def evaluate(model, loader, device, branches: tuple[str, ...], ten_crop: bool = False, reduce=None,
+             per_class: torch.Tensor | None = None):
+    """Top-1/top-5 error of the main head and of every branch head over ``loader``.
+
+    ``per_class``, a ``(classes, 2)`` float64 tensor, accumulates per true class the examples seen and the
+    main head's top-1 mistakes."""
     heads = ("main",) + branches
     errors = {h: torch.zeros(2, dtype=torch.float64) for h in heads}
     count = torch.zeros(1, dtype=torch.float64)
@@ -251,6 +272,11 @@ def evaluate(model, loader, device, branches: tuple[str, ...], ten_crop: bool = 
                 outs = {"main": out.logits.float(), **{k: v.float() for k, v in out.aux.items()}}
             for h in heads:
                 errors[h] += torch.tensor(topk_errors(outs[h], labels), dtype=torch.float64)
+            if per_class is not None:
+                classes = per_class.shape[0]
+                wrong = outs["main"].argmax(1) != labels
+                per_class[:, 0] += torch.bincount(labels.cpu(), minlength=classes).double()
+                per_class[:, 1] += torch.bincount(labels[wrong].cpu(), minlength=classes).double()
             count += labels.shape[0]
     finally:
         model.train(was_training)
@@ -453,6 +479,9 @@ class Trainer:
                 self.best_error = err
             self._save(epoch + 1, is_best)
             self._log(metrics)
+            if self.acc.is_main_process:
+                for callback in self.opts.callbacks:
+                    callback(metrics)
             if self.opts.max_steps is not None and self.step >= self.opts.max_steps:
                 break
         if self.acc.is_main_process:

@@ -1,0 +1,68 @@
+"""The README's Python API example runs as written, and the output type is convenient in eval."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+
+from cnds_compiler import compile_spec
+from cnds_compiler.backends.pytorch import CndsOutput, build_module
+from cnds_compiler.cli import compile_main
+
+from .conftest import ROOT, SPECS
+
+
+def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("## Python API"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "specs").symlink_to(SPECS)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the README's own example
+    assert (tmp_path / "runs" / "api" / "model.onnx").exists()
+    assert len(namespace["seen"]) == 2 and set(namespace["seen"][0]) == {"main", "loss1", "loss2"}
+    assert set(namespace["out"].aux) == {"loss1", "loss2"}
+    assert namespace["report"].parity.ok
+
+
+def test_output_stands_for_the_main_logits():
+    model = build_module(compile_spec(SPECS / "digits_cnds8.cnds"), seed=0).eval()
+    with torch.no_grad():
+        out = model(torch.randn(3, 1, 8, 8))
+    assert isinstance(out, CndsOutput) and out.aux == {}
+    assert torch.equal(out.argmax(1), out.logits.argmax(1)) and out.shape == (3, 10)
+    assert torch.equal(torch.softmax(out, 1), torch.softmax(out.logits, 1))
+    y = torch.tensor([1, 2, 3])
+    assert torch.equal(F.cross_entropy(out, y), F.cross_entropy(out.logits, y))
+    assert torch.equal(torch.cat([out, out.logits]), torch.cat([out.logits, out.logits]))
+
+
+def test_compile_spec_reads_ir_json(tmp_path):
+    ir = tmp_path / "net.json"
+    assert compile_main([str(SPECS / "digits_inception.cnds"), "--emit", "ir", "-o", str(ir), "-q"]) == 0
+    assert compile_spec(ir) == compile_spec(SPECS / "digits_inception.cnds")
+
+
+def test_eval_json_and_per_class(tmp_path, capsys):
+    import json
+
+    from cnds_compiler.checkpoint import save_checkpoint
+    from cnds_compiler.train.cli import eval_main
+
+    net = compile_spec(SPECS / "digits_inception.cnds")
+    save_checkpoint(tmp_path / "c.pt", {"model": build_module(net, seed=0).state_dict(), "ir_hash": net.digest()})
+    args = [str(SPECS / "digits_inception.cnds"), str(tmp_path / "c.pt"), "--cpu", "--data", "digits"]
+    assert eval_main([*args, "--json", "--per-class"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert set(doc["heads"]) == {"main", "loss1", "loss2"} and doc["examples"] == 359
+    per_class = doc["per_class"]
+    assert [c["class"] for c in per_class] == [str(i) for i in range(10)]
+    assert sum(c["examples"] for c in per_class) == 359
+    mistakes = sum(round(c["top1_error"] * c["examples"]) for c in per_class)
+    assert mistakes == round(doc["heads"]["main"]["top1_error"] * 359)  # the per-class split of the same count
+    assert eval_main([*args, "--per-class"]) == 0
+    text = capsys.readouterr().out
+    assert "class (main head)" in text and len(text.strip().splitlines()) == 1 + 4 + 2 + 10
