@@ -370,3 +370,18 @@ def test_unwritable_outputs_are_one_line_errors(tmp_path, capsys):
     code = compile_main([str(SPECS / "digits_cnds8.cnds"), "--emit", "ir", "-o", "/dev/null/x.json"])
     err = capsys.readouterr().err
     assert code == 1 and err.startswith("/dev/null/x.json: output error: cannot write") and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_processes_flag_runs_ddp_on_cpu_and_single_process_launch_is_reported(tmp_path):
+    common = [str(SPECS / "digits_cnds8.cnds"), "--epochs", "1", "--limit-train", "128", "--no-progress", "--cpu"]
+    two = _train([*common, "--out", str(tmp_path / "two"), "--processes", "2"])
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "(2 process(es) × 32)" in two.stdout and two.stdout.count("done:") == 1
+    # what `accelerate launch --cpu --num_processes 2` leaves a process: a rendezvous address, no world size
+    env = {**_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "ACCELERATE_USE_CPU": "True"}
+    env.pop("WORLD_SIZE", None)
+    one = subprocess.run([sys.executable, "-m", "cnds_compiler.train.cli", *common, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert "asked for several processes but started 1" in one.stderr and "--processes N" in one.stderr

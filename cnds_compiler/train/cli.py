@@ -47,7 +47,11 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", help="the .cnds spec to train")
     p.add_argument("--out", default=None, help="run directory for checkpoints and logs (default: runs/<network>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--init-from", type=Path, help="copy every parameter whose name and shape match from this checkpoint")
+    p.add_argument("--init-from", type=Path, help="copy every layer whose tensors all match by name and shape "
+                   "from this checkpoint (whole layers or nothing)")
+    p.add_argument("--processes", type=_count(1), default=1, metavar="N",
+                   help="run N processes (DDP over gloo on CPU, NCCL on GPUs) through torchrun; the same as "
+                   "`torchrun --nproc_per_node N -m cnds_compiler.train.cli ...` (default 1)")
     p.add_argument("--epochs", type=_count(1), help="override the spec's epochs")
     p.add_argument("--batch-size", type=_count(1), help="override the spec's (global) batch size")
     p.add_argument("--lr", type=float, help="override the spec's base learning rate")
@@ -66,8 +70,51 @@ def _train_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _relaunch(argv: list[str], processes: int) -> int:
+    """Run this command again under torchrun with ``processes`` processes (``--processes`` dropped)."""
+    import socket
+    import subprocess
+
+    rest, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg == "--processes":
+            skip = i + 1 < len(argv)
+            continue
+        if not arg.startswith("--processes="):
+            rest.append(arg)
+    with socket.socket() as s:  # a free port for the rendezvous: a fixed one may still be in TIME_WAIT
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+               "--master_port", str(port), "-m", "cnds_compiler.train.cli", *rest]
+    try:
+        return subprocess.run(command).returncode
+    except KeyboardInterrupt:
+        return 130
+
+
+def _warn_single_process_launch() -> None:
+    """`accelerate launch --cpu --num_processes N` starts one process on CPU (it sets a rendezvous address
+    but no world size); say so instead of training silently at a fraction of the asked parallelism."""
+    import os
+
+    if os.environ.get("MASTER_ADDR") and "WORLD_SIZE" not in os.environ and os.environ.get("ACCELERATE_USE_CPU"):
+        print("cnds-train: warning: the launcher asked for several processes but started 1 (accelerate launch "
+              "runs one process on CPU); use `cnds-train ... --processes N` (torchrun underneath)",
+              file=sys.stderr)
+
+
 def train_main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _train_parser().parse_args(argv)
+    import os
+
+    if args.processes > 1 and "WORLD_SIZE" not in os.environ:
+        return _relaunch(argv, args.processes)
+    _warn_single_process_launch()
     try:
         from ..frontend import compile_spec
         from .trainer import RunOptions, Trainer, effective_config
