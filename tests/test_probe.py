@@ -269,6 +269,32 @@ def test_cnds_probe_command(specs, tmp_path, capsys):
     assert "no such spec file" in capsys.readouterr().err
 
 
+def test_written_spec_states_its_initialisation_and_can_take_a_trainable_one(specs, tmp_path, capsys):
+    from cnds_compiler.ir import InitScheme, OpKind
+    from cnds_compiler.probe.cli import probe_main
+
+    base = [str(specs / "small8.cnds"), "--iters", "4", "--bias", "spec", "--no-plot", "--no-progress"]
+    out = tmp_path / "paper.cnds"
+    assert probe_main([*base, "--write", str(out)]) == 0  # keeps the spec's N(0, 0.01)
+    text = capsys.readouterr().out
+    assert "the proposal was measured with N(0, 0.01" in text and "may train at chance" in text
+    assert "--write-init kaiming" in text
+    out = tmp_path / "trainable.cnds"
+    assert probe_main([*base, "--write", str(out), "--write-init", "kaiming"]) == 0
+    text = capsys.readouterr().out
+    assert "init kaiming(bias=0)" in out.read_text() and "may train at chance" not in text
+    net = compile_spec(out)
+    assert {n.attrs.init.scheme for n in net.nodes if n.kind in (OpKind.CONV2D, OpKind.LINEAR)} == {InitScheme.KAIMING}
+    assert [b.tap for b in net.branches] == [b.tap for b in compile_spec(tmp_path / "paper.cnds").branches]
+
+
+def test_healthy_proposal_says_why_and_what_to_try():
+    from cnds_compiler.probe.rule import HEALTHY, propose
+
+    p = propose([("conv1", 1e-4), ("conv2", 1e-3)])
+    assert p.status == HEALTHY and "gradient reaches every layer" in p.message and "--init gaussian" in p.message
+
+
 def test_cnds_gradplot_compares_runs(tmp_path, capsys):
     from cnds_compiler.probe.cli import gradplot_main
 

@@ -72,6 +72,10 @@ def _probe_parser() -> argparse.ArgumentParser:
                    help="write the spec with the proposed supervise blocks (pool, 1x1 conv, fc, fc, classifier, "
                    "sized from the tap's shape); the rest of the text is kept as written")
     p.add_argument("--alpha", type=float, default=0.3, help="alpha_0 of written branches (linear decay; default 0.3)")
+    p.add_argument("--write-init", choices=tuple(WRITE_INITS), default="keep",
+                   help="the initialisation of the written spec: keep (the spec's own, default), paper "
+                   "(N(0, 0.01), the regime the proposal was measured in) or kaiming (fan-in scaled: trains "
+                   "at any width)")
     p.add_argument("--keep-existing", action="store_true",
                    help="with --write: keep the spec's existing branches as well as adding the proposed ones")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -171,19 +175,40 @@ def probe_main(argv: list[str] | None = None) -> int:
             notes = {p.tap: _note(p, proposal, settings, result.init_description) for p in proposal.points}
             edit, new_net = write_supervised_spec(
                 args.spec, net, proposal.taps, args.write, alpha=args.alpha, notes=notes,
-                keep_existing=args.keep_existing,
+                keep_existing=args.keep_existing, init=WRITE_INITS[args.write_init],
             )
             parts = [f"added {', '.join(edit.added)}" if edit.added else "",
                      f"kept {', '.join(edit.kept)}" if edit.kept else "",
                      f"removed {', '.join(edit.removed)}" if edit.removed else ""]
             summary = "; ".join(p for p in parts if p) or "no change to supervision"
             print(f"wrote {args.write} ({summary}; {len(new_net.branches)} branch(es), compiles)")
+            print(_init_advice(result.init_description, new_net))
     except CndsError as e:
         return report(e, args.traceback)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+WRITE_INITS = {"keep": None, "paper": "init gaussian(std=0.01, bias=0)", "kaiming": "init kaiming(bias=0)"}
+
+
+def _init_advice(measured: str, written) -> str:
+    """What the proposal assumed and what the written spec will train with; a warning where the written
+    initialisation is the paper's N(0, 0.01) on narrow layers, where it keeps the signal too small to train."""
+    from ..ir import InitScheme, OpKind
+
+    inits = {n.attrs.init for n in written.nodes if n.kind in (OpKind.CONV2D, OpKind.LINEAR)}
+    schemes = sorted({i.scheme.value + (f"(std={i.std:g})" if i.scheme is InitScheme.GAUSSIAN else "") for i in inits})
+    line = f"the proposal was measured with {measured}; the written spec initialises with {', '.join(schemes)}"
+    widest = max((n.attrs.out_channels for n in written.nodes if n.kind is OpKind.CONV2D), default=0)
+    tiny = [i for i in inits if i.scheme is InitScheme.GAUSSIAN and i.std <= 0.01]
+    if tiny and widest < 256:
+        line += (f"\nwarning: N(0, {max(i.std for i in tiny):g}) weights on convolutions at most {widest} wide shrink "
+                 "the signal layer by layer (the paper's nets are 256-512 wide), so such a spec may train at chance; "
+                 "--write-init kaiming writes one that trains, with the same supervision points")
+    return line
 
 
 def _gradplot_parser() -> argparse.ArgumentParser:

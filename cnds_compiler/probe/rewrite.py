@@ -141,9 +141,11 @@ def edit_spec_text(
     alpha: float = DEFAULT_ALPHA,
     notes: Mapping[str, str] | None = None,
     keep_existing: bool = False,
+    init: str | None = None,
 ) -> SpecEdit:
     """The text of ``spec_path`` with supervision exactly at ``taps`` (plus the existing ones when
-    ``keep_existing``). ``net`` is the compiled spec; ``out_path`` is where the text will live."""
+    ``keep_existing``). ``net`` is the compiled spec; ``out_path`` is where the text will live. ``init``
+    (a whole ``init …`` line, e.g. ``init kaiming(bias=0)``) replaces the spec's own, or is added."""
     from ..parser import parse_file
 
     spec_path = Path(spec_path)
@@ -232,6 +234,16 @@ def edit_spec_text(
             rel = os.path.relpath(target, out_dir) if shared != Path(shared.anchor) else str(target)
             edits.append((extends[0].span.start, extends[0].span.end, f'extends "{rel.replace(os.sep, "/")}"'))
 
+    if init is not None:
+        own = [st for st in spec.statements if isinstance(st, ast.InitDecl)]
+        if own:
+            edits.append((own[0].span.start, own[0].span.end, init))
+        else:  # after the `network` line (a derived spec's header line overrides its base's)
+            anchor = next(st for st in spec.statements if isinstance(st, (ast.NetworkDecl, ast.ExtendsDecl)))
+            le = text.find("\n", anchor.span.end)
+            le = len(text) if le == -1 else le + 1
+            edits.append((le, le, init + "\n"))
+
     for start, end, new in sorted(edits, key=lambda e: (e[0], e[1]), reverse=True):
         text = text[:start] + new + text[end:]
     return SpecEdit(text, tuple(added), tuple(kept), tuple(removed))
@@ -246,6 +258,7 @@ def write_supervised_spec(
     alpha: float = DEFAULT_ALPHA,
     notes: Mapping[str, str] | None = None,
     keep_existing: bool = False,
+    init: str | None = None,
 ) -> tuple[SpecEdit, Network]:
     """Write :func:`edit_spec_text`'s result to ``out_path`` once it compiles; return it and its IR."""
     from ..frontend import compile_text
@@ -255,7 +268,7 @@ def write_supervised_spec(
     if out_path.resolve() == Path(spec_path).resolve():
         raise CndsError("--write would overwrite the probed spec; choose another file", path=str(out_path))
     edit = edit_spec_text(spec_path, net, taps, out_path=out_path, alpha=alpha, notes=notes,
-                          keep_existing=keep_existing)
+                          keep_existing=keep_existing, init=init)
     try:
         new_net = compile_text(edit.text, str(out_path), base_dir=out_path.resolve().parent)
     except CndsError as e:  # a template that does not fit is a bug here, not the user's: say so plainly

@@ -139,7 +139,11 @@ def propose(
         return Proposal(
             HEALTHY, (), items, threshold, min_gap,
             f"no conv layer's mean gradient falls below {threshold:g} (lowest: "
-            f"{names[values.index(min(values))]} {min(values):.3g}); no supervision needed",
+            f"{names[values.index(min(values))]} {min(values):.3g}): at this initialisation and depth the "
+            f"gradient reaches every layer, so the rule places no branch. Batchnorm and fan-in scaled inits "
+            f"(kaiming, xavier) keep gradients alive by design; the paper's rule reads nets started at "
+            f"N(0, 0.01): probe with --init gaussian (the default), a smaller --std or more --iters to see where "
+            f"a branch would help, or add branches by hand for their regularising effect",
         )
     if top < threshold:
         return Proposal(
