@@ -115,6 +115,9 @@ def train_main(argv: list[str] | None = None) -> int:
     if args.processes > 1 and "WORLD_SIZE" not in os.environ:
         return _relaunch(argv, args.processes)
     _warn_single_process_launch()
+    from ..threads import configure_threads
+
+    configure_threads()  # before torch is imported: OpenMP reads its settings once
     try:
         from ..frontend import compile_spec
         from .trainer import RunOptions, Trainer, effective_config
@@ -165,6 +168,9 @@ def eval_main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-class", action="store_true", help="also the main head's top-1 error per class")
     _common(p)
     args = p.parse_args(argv)
+    from ..threads import configure_threads
+
+    configure_threads()
     try:
         import torch
 

@@ -1,0 +1,67 @@
+"""CPU threads for the commands that run torch: fast on a quiet machine, no collapse on a busy one.
+
+PyTorch's OpenMP threads spin while they wait for work. On an idle machine that is the fastest choice;
+when other processes want the same cores, the spinning threads take turns with them and a small net's
+training can be ten times slower (``benchmarks/threads_bench.py``; RESULTS.md). So, unless the user has
+chosen (``OMP_NUM_THREADS``, ``OMP_WAIT_POLICY`` or ``CNDS_THREADS``), the commands measure how busy the
+cores they may use are, for a tenth of a second before torch starts, and then use one thread per free
+core, waiting passively when other work is running. It must run before ``import torch``: OpenMP reads
+its settings once.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+SAMPLE_SECONDS = 0.1
+BUSY_CORES = 0.5
+"""Cores' worth of other work above which waiting threads sleep instead of spinning."""
+
+
+def busy_cores(seconds: float = SAMPLE_SECONDS) -> float | None:
+    """How many cores' worth of CPU time other processes used over ``seconds`` (Linux ``/proc/stat``)."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        idle = values[3] + (values[4] if len(values) > 4 else 0)
+        return sum(values), idle
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    elapsed = total1 - total0
+    if elapsed <= 0:
+        return None
+    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / elapsed)
+
+
+def configure_threads(env: dict | None = None) -> str:
+    """Set ``OMP_NUM_THREADS``/``OMP_WAIT_POLICY`` in ``env`` (default ``os.environ``) unless chosen.
+
+    ``CNDS_THREADS``: ``auto`` (default), ``torch`` (leave torch's defaults) or a thread count.
+    Returns a short description of what was decided.
+    """
+    env = os.environ if env is None else env
+    choice = env.get("CNDS_THREADS", "auto").strip().lower()
+    if choice == "torch" or "OMP_NUM_THREADS" in env:
+        return "threads: as set"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if choice != "auto":
+        try:
+            threads = max(1, int(choice))
+        except ValueError:
+            threads = cores
+        env["OMP_NUM_THREADS"] = str(threads)
+        return f"threads: {threads} (CNDS_THREADS)"
+    busy = busy_cores()
+    if busy is None or busy < BUSY_CORES:
+        return f"threads: {cores}, spinning (quiet machine)"
+    threads = max(1, min(cores, round(cores - busy)))
+    env["OMP_NUM_THREADS"] = str(threads)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return f"threads: {threads}, passive waiting ({busy:.1f} cores busy with other work)"
