@@ -66,3 +66,25 @@ def test_eval_json_and_per_class(tmp_path, capsys):
     assert eval_main([*args, "--per-class"]) == 0
     text = capsys.readouterr().out
     assert "class (main head)" in text and len(text.strip().splitlines()) == 1 + 4 + 2 + 10
+
+
+def test_thread_choice(monkeypatch):
+    import os
+
+    from cnds_compiler import threads
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(threads, "busy_cores", lambda seconds=0.1: 0.1)
+    env: dict = {}
+    assert "spinning" in threads.configure_threads(env) and env == {}  # quiet: torch's defaults
+    monkeypatch.setattr(threads, "busy_cores", lambda seconds=0.1: cores - 1.0)
+    env = {}
+    threads.configure_threads(env)
+    assert env == {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}  # busy: the free core, sleeping waits
+    env = {"OMP_NUM_THREADS": "4"}
+    threads.configure_threads(env)
+    assert env == {"OMP_NUM_THREADS": "4"}  # the user's choice stands
+    env = {"CNDS_THREADS": "3"}
+    threads.configure_threads(env)
+    assert env["OMP_NUM_THREADS"] == "3"
+    assert threads.busy_cores(0.01) is not None  # /proc/stat is readable here
