@@ -305,8 +305,11 @@ def test_cnds_gradplot_compares_runs(tmp_path, capsys):
             [{"step": s, "conv1": scale * (1 + s), "conv3_1": scale} for s in range(0, 50, 10)]))
     png = tmp_path / "fig.png"
     rc = gradplot_main([str(tmp_path / "cnn8"), str(tmp_path / "cnds8"), "--layer", "conv1", "--layer", "conv3_1",
-                        "-o", str(png), "--threshold", "1e-7"])
+                        "--plot", str(png), "--threshold", "1e-7"])
     assert rc == 0 and png.read_bytes()[:4] == b"\x89PNG"
-    assert gradplot_main([str(tmp_path / "cnn8"), "--layer", "conv3_2", "-o", str(png)]) == 1
+    old = tmp_path / "old.png"  # the old option name keeps working, with a note
+    assert gradplot_main([str(tmp_path / "cnn8"), "--layer", "conv1", "-o", str(old)]) == 0 and old.exists()
+    assert "-o/--output is now --plot" in capsys.readouterr().err
+    assert gradplot_main([str(tmp_path / "cnn8"), "--layer", "conv3_2", "--plot", str(png)]) == 1
     err = capsys.readouterr().err
     assert "no gradients of 'conv3_2'" in err and "did you mean 'conv3_1'" in err

@@ -222,7 +222,8 @@ def _gradplot_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run folders or gradient files")
     p.add_argument("--layer", action="append", default=[],
                    help="a trunk conv layer to plot (repeat for more panels; default: every layer the runs share)")
-    p.add_argument("-o", "--output", type=Path, default=Path("gradients.png"), help="PNG to write (default gradients.png)")
+    p.add_argument("--plot", type=Path, default=None, help="PNG to write (default gradients.png), as cnds-probe --plot")
+    p.add_argument("-o", "--output", type=Path, default=None, help=argparse.SUPPRESS)  # the old name, still read
     p.add_argument("--label", action="append", default=[], help="legend name of each run, in order (default: folder name)")
     p.add_argument("--threshold", type=float, help="draw this level as a dashed line (e.g. 1e-7)")
     p.add_argument("--smooth", type=int, default=1, help="moving average over N records (default 1: none)")
@@ -243,7 +244,11 @@ def gradplot_main(argv: list[str] | None = None) -> int:
 
         labels = args.label or [None] * len(args.runs)
         logs = [load_gradient_log(run, label) for run, label in zip(args.runs, labels, strict=True)]
-        out = plot_gradient_comparison(logs, args.layer, args.output, threshold=args.threshold,
+        if args.output is not None:
+            print("cnds-gradplot: note: -o/--output is now --plot, as in cnds-probe; -o still works",
+                  file=sys.stderr)
+        target = args.plot or args.output or Path("gradients.png")
+        out = plot_gradient_comparison(logs, args.layer, target, threshold=args.threshold,
                                        smooth=args.smooth, title=args.title)
     except CndsError as e:
         return report(e, args.traceback)
