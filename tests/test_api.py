@@ -26,6 +26,7 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     assert len(namespace["seen"]) == 2 and set(namespace["seen"][0]) == {"main", "loss1", "loss2"}
     assert set(namespace["out"].aux) == {"loss1", "loss2"}
     assert namespace["report"].parity.ok
+    assert set(namespace["top1"]) == {"main", "loss1", "loss2"} and 0 <= namespace["top1"]["main"] <= 1
 
 
 def test_output_stands_for_the_main_logits():
@@ -88,3 +89,17 @@ def test_thread_choice(monkeypatch):
     threads.configure_threads(env)
     assert env["OMP_NUM_THREADS"] == "3"
     assert threads.busy_cores(0.01) is not None  # /proc/stat is readable here
+
+
+def test_grammar_cache_is_rebuilt_when_the_grammar_changes(tmp_path):
+    from lark import Lark
+
+    cache = str(tmp_path / "g.lark-cache")
+    grammar = tmp_path / "g.lark"
+    grammar.write_text('start: "a"+\n')
+    assert Lark.open(str(grammar), parser="lalr", cache=cache).parse("aa")  # builds and stores the tables
+    grammar.write_text('start: "b"+\n')  # same cache file, another grammar: lark's hash check rebuilds
+    assert Lark.open(str(grammar), parser="lalr", cache=cache).parse("bb")
+    from cnds_compiler.parser import grammar_cache
+
+    assert grammar_cache() is False or str(grammar_cache()).endswith("grammar")
