@@ -94,7 +94,6 @@ class CompileCLI:
     def _load(self):
         from .frontend import compile_spec
         from .passes import DEFAULT_PIPELINE
-        from .serialize import dumps
 
         a = self.args
         names = tuple(n.strip() for n in a.passes.split(",")) if a.passes else DEFAULT_PIPELINE
@@ -103,6 +102,8 @@ class CompileCLI:
             if a.time_passes:
                 print(f"{p.name:>20}: {seconds * 1e3:7.2f} ms", file=sys.stderr)
             if a.print_between_passes:
+                from .serialize import dumps  # only here: importing it costs a spec check ~10 ms
+
                 print(f"// ---- IR after {p.name} ----")
                 print(dumps(after), end="")
 
@@ -130,12 +131,13 @@ class CompileCLI:
     def _emit(self, net) -> None:
         from .diagram import render, to_dot
         from .io import atomic_write_text
-        from .serialize import dumps
         from .summary import format_summary
 
         a = self.args
         out = Path(a.output) if a.output else None
         if a.emit == "ir":
+            from .serialize import dumps
+
             text = dumps(net)
         elif a.emit == "dot":
             text = to_dot(net)
