@@ -467,7 +467,9 @@ class Trainer:
         self.print(f"training {self.net.name} on {self.data.description}: {self.cfg.epochs} epochs, "
                    f"batch {self.cfg.batch} ({self.acc.num_processes} process(es) × {self.micro_batch}"
                    f"{f' × {self.opts.grad_accum} accumulation' if self.opts.grad_accum > 1 else ''}), "
-                   f"device {self.acc.device}, mixed precision {self.opts.mixed_precision}")
+                   f"device {self.acc.device}"
+                   + (f" ({torch.get_num_threads()} threads)" if self.acc.device.type == "cpu" else "")
+                   + f", mixed precision {self.opts.mixed_precision}")
         for epoch in range(self.start_epoch, self.cfg.epochs):
             metrics = self._epoch(epoch)
             if metrics is None:
