@@ -198,7 +198,7 @@ Statement = (
 
 @dataclass(frozen=True, slots=True)
 class SpecFile:
-    """One parsed file; ``extends`` is resolved later, by the expander."""
+    """One parsed file; ``extends`` is resolved later, by the lowering (``lang.merge``)."""
 
     path: str
     statements: tuple[Statement, ...]
