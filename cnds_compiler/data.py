@@ -633,6 +633,20 @@ def _fit(net: Network) -> dict[str, Any]:
                 mirror=d.mirror)
 
 
+def _by_spec_names(names: tuple[str, ...], folders: list[str], train_dir: Path) -> list[str]:
+    """Class folders in the order of the spec's ``classes [...]``, so label k is the spec's k-th name — the
+    name a deployed model gives prediction k. Every name needs its folder and every folder its name."""
+    unnamed = [f for f in folders if f not in names]
+    missing = [n for n in names if n not in folders]
+    if unnamed or missing:
+        parts = ([f"no folder for the spec's classes {missing}"] if missing else []) + (
+            [f"folders the spec does not name {unnamed}"] if unnamed else [])
+        raise DataError(f"the spec's class names and the class folders differ: {'; '.join(parts)} "
+                        f"(class folders map to the spec's classes by name)", path=str(train_dir),
+                        hint=did_you_mean(missing[0], unnamed) if missing and unnamed else None)
+    return list(names)
+
+
 def _check_classes(net: Network, found: int, what: str, where: str | None) -> None:
     if net.num_classes != found:
         raise DataError(f"the spec declares {net.num_classes} classes but {what} has {found}", path=where)
@@ -847,6 +861,8 @@ def _load_imagefolder(name, root: Path, net: Network, fit, strict, ten_crop, lim
     classes = _subdirs(train_dir)
     if not classes:
         raise DataError("no class folders in train/", path=str(train_dir))
+    if net.class_names:
+        classes = _by_spec_names(net.class_names, classes, train_dir)
     index = {cls: k for k, cls in enumerate(classes)}
     for cls in _subdirs(val_dir):
         if cls not in index:

@@ -433,3 +433,20 @@ def test_skipped_survives_pickling():
     k = pickle.loads(pickle.dumps(Skipped([("a.jpg", "OSError: broken")])))
     assert isinstance(k, Skipped) and k == 1 and k.items == (("a.jpg", "OSError: broken"),)
     assert Skipped() == 0
+
+
+def test_imagefolder_maps_classes_by_the_spec_names_not_folder_order(tmp_path, rgb_net):
+    root = make_imagefolder(tmp_path / "t", classes=3, per_class=2, size=(48, 40), val_per_class=1)
+    names = (class_name(2), class_name(0), class_name(1))  # not in sorted order
+    named = dataclasses.replace(rgb_net, class_names=names)
+    s = load_source(f"imagefolder:{root}", named)
+    assert s.class_names == names
+    by_label = {}
+    for path, label in s.train.samples:
+        by_label.setdefault(label, set()).add(Path(path).parent.name)
+    assert by_label == {0: {class_name(2)}, 1: {class_name(0)}, 2: {class_name(1)}}  # label k = the spec's k-th
+    wrong = dataclasses.replace(rgb_net, class_names=(class_name(0), class_name(1), "class_009"))
+    with pytest.raises(DataError) as e:
+        load_source(f"imagefolder:{root}", wrong)
+    assert "no folder for the spec's classes ['class_009']" in e.value.message
+    assert "folders the spec does not name ['class_002']" in e.value.message and e.value.path.endswith("train")
