@@ -82,6 +82,7 @@ class CompileCLI:
         a = self.args
         self._check_flags()
         try:
+            self._refuse_overwriting_inputs()
             net = self._load()
             if a.emit == "onnx":
                 self._export(net)
@@ -90,6 +91,20 @@ class CompileCLI:
         except CndsError as e:
             return report(e, a.traceback)
         return 0
+
+    def _refuse_overwriting_inputs(self) -> None:
+        """``-o`` naming one of the command's own input files (the spec, ``--weights``) is refused before
+        any work, so nothing the user has is overwritten."""
+        from .errors import OutputError
+
+        a = self.args
+        if not a.output:
+            return
+        out = Path(a.output).resolve()
+        for what, value in (("the spec", a.spec), ("--weights", a.weights)):
+            if value and Path(value).resolve() == out:
+                raise OutputError(f"-o would overwrite {what}, an input of this command; choose another file",
+                                  path=str(a.output))
 
     def _load(self):
         from .frontend import compile_spec

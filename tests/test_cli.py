@@ -318,3 +318,15 @@ def test_console_script(tmp_path):
     assert r.returncode == 0, r.stderr
     r = subprocess.run(["cnds-compile", str(tmp_path / "x.json"), "-q"], capture_output=True, text=True)
     assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
+
+
+def test_output_over_an_input_is_refused_before_any_work(capsys, tmp_path):
+    spec = tmp_path / "net.cnds"
+    spec.write_text(DIGITS.read_text())
+    before = spec.read_bytes()
+    code, _, err = run_cli(capsys, spec, "--emit", "ir", "-o", spec)
+    assert code == 1 and "-o would overwrite the spec" in err and spec.read_bytes() == before
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"not really a checkpoint, and it must stay as it is")
+    code, _, err = run_cli(capsys, spec, "--emit", "onnx", "--weights", weights, "-o", weights)
+    assert code == 1 and "-o would overwrite --weights" in err and weights.read_bytes().startswith(b"not really")
