@@ -385,3 +385,13 @@ def test_processes_flag_runs_ddp_on_cpu_and_single_process_launch_is_reported(tm
                          capture_output=True, text=True, env=env, timeout=600)
     assert one.returncode == 0, one.stderr[-2000:]
     assert "asked for several processes but started 1" in one.stderr and "--processes N" in one.stderr
+
+
+def test_a_diverged_run_is_never_saved_or_reported_as_good(tmp_path):
+    common = [str(SPECS / "digits_cnds8.cnds"), "--epochs", "2", "--no-progress", "--cpu"]
+    nan = _train([*common, "--out", str(tmp_path / "a"), "--momentum", "nan"])
+    assert nan.returncode == 1 and "--momentum must be a finite number" in nan.stderr and "Traceback" not in nan.stderr
+    # one step at lr 1e30: the loss it saw was finite, the weights stay finite, the outputs are NaN
+    huge = _train([*common, "--out", str(tmp_path / "b"), "--lr", "1e30", "--max-steps", "1"])
+    assert huge.returncode == 1 and "the run diverged" in huge.stderr and "non-finite outputs" in huge.stderr
+    assert not (tmp_path / "b" / "best.pt").exists() and not (tmp_path / "b" / "last.pt").exists()

@@ -19,6 +19,7 @@ import csv
 import importlib.util
 import io
 import json
+import math
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -247,11 +248,11 @@ def topk_errors(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[i
 
 @torch.no_grad()
 def evaluate(model, loader, device, branches: tuple[str, ...], ten_crop: bool = False, reduce=None,
-             per_class: torch.Tensor | None = None):
+             per_class: torch.Tensor | None = None, stats: dict | None = None):
     """Top-1/top-5 error of the main head and of every branch head over ``loader``.
 
     ``per_class``, a ``(classes, 2)`` float64 tensor, accumulates per true class the examples seen and the
-    main head's top-1 mistakes."""
+    main head's top-1 mistakes. ``stats["nonfinite"]`` counts examples whose main logits are not finite."""
     heads = ("main",) + branches
     errors = {h: torch.zeros(2, dtype=torch.float64) for h in heads}
     count = torch.zeros(1, dtype=torch.float64)
@@ -272,6 +273,8 @@ def evaluate(model, loader, device, branches: tuple[str, ...], ten_crop: bool = 
                 outs = {"main": out.logits.float(), **{k: v.float() for k, v in out.aux.items()}}
             for h in heads:
                 errors[h] += torch.tensor(topk_errors(outs[h], labels), dtype=torch.float64)
+            if stats is not None:
+                stats["nonfinite"] = stats.get("nonfinite", 0) + int((~torch.isfinite(outs["main"])).any(1).sum())
             if per_class is not None:
                 classes = per_class.shape[0]
                 wrong = outs["main"].argmax(1) != labels
@@ -302,6 +305,8 @@ def effective_config(net: Network, overrides: dict[str, Any]) -> TrainConfig:
     """The spec's solver settings with the CLI's overrides applied (checked like the spec's own values)."""
     given = {k: v for k, v in overrides.items() if v is not None}
     for key, value in given.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise TrainingError(f"--{key.replace('_', '-')} must be a finite number, got {value}")
         lo, hi = _OVERRIDE_RANGES.get(key, (None, None))
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             bounds = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
@@ -474,6 +479,7 @@ class Trainer:
             metrics = self._epoch(epoch)
             if metrics is None:
                 break
+            self._check_finite(epoch, metrics)  # before anything is saved: a diverged run is never "best"
             self.history.append(asdict(metrics))
             err = metrics.val_top1_error["main"]
             is_best = self.best_error is None or err < self.best_error
@@ -555,10 +561,12 @@ class Trainer:
         seconds = time.perf_counter() - start
         train_loss = {k: acc.reduce(torch.tensor(v / max(1, batches), device=acc.device), "mean").item()
                       for k, v in sums.items()}
+        stats: dict = {}
         top1, top5, val_skipped = evaluate(
             self.model, self._val_loader(), acc.device, self.acc.unwrap_model(self.model).branch_names,
-            ten_crop=self.opts.ten_crop, reduce=lambda t: acc.reduce(t.to(acc.device), "sum").cpu(),
+            ten_crop=self.opts.ten_crop, reduce=lambda t: acc.reduce(t.to(acc.device), "sum").cpu(), stats=stats,
         )
+        self._val_nonfinite = int(acc.reduce(torch.tensor(stats.get("nonfinite", 0), device=acc.device), "sum").item())
         return EpochMetrics(
             epoch=epoch + 1, lr=lr, alphas=weights, train_loss=train_loss, val_top1_error=top1,
             val_top5_error=top5, images_per_s=images_seen / max(seconds, 1e-9),
@@ -579,6 +587,21 @@ class Trainer:
                     if g is not None:
                         record[layer.name] = float(g.abs().mean())
         self.grad_log.append(record)
+
+    def _check_finite(self, epoch: int, metrics: EpochMetrics) -> None:
+        """Weights and metrics must be finite after an epoch; a finite loss does not prove it (the step after
+        the last loss, or --lr 1e30 with one step per epoch, can leave NaN weights)."""
+        model = self.acc.unwrap_model(self.model)
+        bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        values = [*metrics.train_loss.values(), *metrics.val_top1_error.values()]
+        nonfinite = getattr(self, "_val_nonfinite", 0)
+        if bad or nonfinite or not all(math.isfinite(v) for v in values):
+            kept = self.out / "last.pt"
+            where = f"the last good checkpoint {kept} is kept" if kept.exists() else "no checkpoint was written"
+            what = (f"non-finite weights ({', '.join(bad[:3])}{' …' if len(bad) > 3 else ''})" if bad else
+                    f"non-finite outputs on {nonfinite} validation examples" if nonfinite else "non-finite metrics")
+            raise TrainingError(f"{what} after epoch {epoch + 1}: the run diverged; training stopped and {where}; "
+                                "lower the learning rate (--lr) or check the settings", path=str(self.out))
 
     def _non_finite(self, epoch: int, parts: dict[str, torch.Tensor]) -> None:
         bad = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
