@@ -369,7 +369,7 @@ class ImageFolderDataset(_CndsDataset):
         path, label = self.samples[i]
         try:
             with Image.open(path) as f:
-                img = f.convert(self.mode)  # decodes the whole file
+                img = _eight_bit(f).convert(self.mode)  # decodes the whole file; 16-bit grey scaled, not clipped
         except Exception as e:  # noqa: BLE001 - any failure to decode makes the sample unreadable
             reason = f"{type(e).__name__}: {e}".splitlines()[0] if str(e) else type(e).__name__
             return Unreadable(path, reason)
@@ -645,6 +645,14 @@ def _by_spec_names(names: tuple[str, ...], folders: list[str], train_dir: Path) 
                         f"(class folders map to the spec's classes by name)", path=str(train_dir),
                         hint=did_you_mean(missing[0], unnamed) if missing and unnamed else None)
     return list(names)
+
+
+def _eight_bit(img):
+    """16-bit grey images scaled to 8 bits (Pillow's conversion clips them to white): the runtime's rule, so
+    training and deployment see the same pixels."""
+    from cnds_runtime.preprocess import eight_bit
+
+    return eight_bit(img)
 
 
 def _check_classes(net: Network, found: int, what: str, where: str | None) -> None:

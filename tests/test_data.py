@@ -450,3 +450,18 @@ def test_imagefolder_maps_classes_by_the_spec_names_not_folder_order(tmp_path, r
         load_source(f"imagefolder:{root}", wrong)
     assert "no folder for the spec's classes ['class_009']" in e.value.message
     assert "folders the spec does not name ['class_002']" in e.value.message and e.value.path.endswith("train")
+
+
+def test_16_bit_grey_png_is_scaled_not_clipped(tmp_path, rgb_net):
+    from PIL import Image
+
+    root = make_imagefolder(tmp_path / "t", classes=3, per_class=1, size=(48, 40), val_per_class=1)
+    ramp = (np.linspace(0, 65535, 48 * 40).reshape(48, 40)).astype(np.uint16)  # dark to bright
+    wide = root / "val" / class_name(0) / "wide.png"
+    Image.fromarray(ramp).save(wide)
+    narrow = root / "val" / class_name(1) / "narrow.png"
+    Image.fromarray((ramp // 257).astype(np.uint8)).save(narrow)  # the same picture in 8 bits
+    s = load_source(f"imagefolder:{root}", rgb_net)
+    got = {Path(p).name: s.val[i][0] for i, (p, _) in enumerate(s.val.samples) if Path(p).name.endswith(".png")}
+    assert torch.allclose(got["wide.png"], got["narrow.png"], atol=1.01 / 255 / min(STD))  # within 1/255
+    assert got["wide.png"].std() > 0.1  # not a clipped white field

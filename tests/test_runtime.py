@@ -322,3 +322,17 @@ def test_cli_subprocess_has_no_traceback(models, images):
                         "sys.exit(predict_main(sys.argv[1:]))", str(models["plain"]), str(images["a.png"])],
                        capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.startswith("cnds-predict: error: ") and "Traceback" not in r.stderr
+
+
+def test_16_bit_grey_png_is_scaled_like_its_8_bit_twin(tmp_path):
+    from cnds_runtime.preprocess import eight_bit, open_image
+    from PIL import Image
+
+    ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "wide.png")
+    img = open_image(tmp_path / "wide.png")
+    assert img.mode.startswith("I")  # Pillow's 16-bit grey
+    got = np.asarray(eight_bit(img).convert("RGB"), dtype=np.int32)
+    want = np.asarray(Image.fromarray((ramp // 257).astype(np.uint8)).convert("RGB"), dtype=np.int32)
+    assert np.abs(got - want).max() <= 1 and got.max() == 255 and got.min() == 0
+    assert np.asarray(img.convert("L")).mean() > 250  # what Pillow alone does: clipped to white

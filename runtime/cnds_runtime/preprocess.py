@@ -26,6 +26,19 @@ ImageLike = str | os.PathLike | Image.Image | np.ndarray
 """A path, a PIL image, or an array: ``H x W`` or ``H x W x C`` (C = 1, 3, 4), uint8 or floats in [0, 1]."""
 
 
+WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+"""Pillow's modes for 16-bit (and 32-bit integer) grey images, which ``convert("L"/"RGB")`` would clip."""
+
+
+def eight_bit(img: Image.Image) -> Image.Image:
+    """A 16-bit grey image scaled to 8 bits (0-65535 → 0-255); Pillow's own conversion clips every value
+    above 255 to white. Other images are returned as they are."""
+    if img.mode not in WIDE_GREY_MODES:
+        return img
+    a = np.asarray(img, dtype=np.float64)
+    return Image.fromarray(np.clip(a * (255.0 / 65535.0) + 0.5, 0, 255).astype(np.uint8), mode="L")
+
+
 def open_image(path: str | os.PathLike) -> Image.Image:
     """Read an image file fully (so a truncated file fails here, naming the file)."""
     try:
@@ -103,6 +116,7 @@ class Preprocessor:
         else:
             raise ImageError(f"cannot use a {type(item).__name__} as an image (give a path, a PIL image or an array)")
         mode = "L" if self.channels == 1 else "RGB"
+        img = eight_bit(img)
         return img if img.mode == mode else img.convert(mode)
 
     def load(self, item: ImageLike) -> np.ndarray:
