@@ -100,6 +100,3 @@ def test_grammar_cache_is_rebuilt_when_the_grammar_changes(tmp_path):
     assert Lark.open(str(grammar), parser="lalr", cache=cache).parse("aa")  # builds and stores the tables
     grammar.write_text('start: "b"+\n')  # same cache file, another grammar: lark's hash check rebuilds
     assert Lark.open(str(grammar), parser="lalr", cache=cache).parse("bb")
-    from cnds_compiler.parser import grammar_cache
-
-    assert grammar_cache() is False or str(grammar_cache()).endswith("grammar")

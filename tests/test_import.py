@@ -182,6 +182,11 @@ def test_caffe_malformed_file_and_missing_file(tmp_path, capsys):
     assert info.value.line == 3
     assert import_main([str(tmp_path / "none.prototxt"), "-o", str(tmp_path / "n.cnds")]) == 1
     assert "none.prototxt: " in capsys.readouterr().err
+    path.write_text(V1_CHAIN.replace("num_output: 16 ", ""))  # conv2 without its output count
+    assert import_main([str(path), "-o", str(tmp_path / "m.cnds")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"{path}:10:1: unsupported: layer 'conv2' (Convolution) has no convolution_param")
+    assert not (tmp_path / "m.cnds").exists()
 
 
 # ---- torchvision ------------------------------------------------------------------------------------------
@@ -252,7 +257,9 @@ def test_torchvision_cli_writes_spec_and_checkpoint(tmp_path, capsys):
     cases = [(["torchvision:resnet17", "-o", str(tmp_path / "a.cnds")], "did you mean 'resnet18'"),
              (["torchvision:resnet18", "-o", str(tmp_path / "b.cnds"), "--weights", str(bad)], "bad.pth: "),
              (["torchvision:resnet18", "-o", str(tmp_path / "c.cnds"), "--weights", str(tmp_path / "no.pth")],
-              "no.pth: ")]
+              "no.pth: "),
+             (["torchvision:resnet18", "-o", str(tmp_path / "d.cnds"), "--input", "1x8x8"],
+              "does not run on a 1x8x8 input (--input): Given groups=1")]
     for args, message in cases:
         assert import_main(args) == 1
         err = capsys.readouterr().err

@@ -330,6 +330,10 @@ class _Importer:
 
     def _op(self, layer: Layer) -> str | None:
         m = layer.msg
+        param = {"Convolution": "convolution_param", "InnerProduct": "inner_product_param"}.get(layer.type)
+        if param and m.msg(param).get("num_output") is None:
+            raise UnsupportedError(f"layer '{layer.name}' ({layer.type}) has no {param} {{ num_output }}",
+                                   layer.span)
         if layer.type == "Convolution":
             p = m.msg("convolution_param")
             k = p.get("kernel_size", None)

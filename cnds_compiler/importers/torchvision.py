@@ -164,6 +164,28 @@ def _shared_prefix(names: list[str]) -> str:
     return ".".join(common)
 
 
+def _shapes(graph: fx.GraphModule, input_shape: tuple[int, int, int], source: str) -> dict[str, tuple[int, ...]]:
+    """Every traced value's shape on one zero image (an interpreter that records them; torch.fx's own
+    ShapeProp prints a traceback before it raises)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    class Record(fx.Interpreter):
+        def run_node(self, n):
+            result = super().run_node(n)
+            if isinstance(result, torch.Tensor):
+                shapes[n.name] = tuple(result.shape)
+            return result
+
+    try:
+        with torch.no_grad():
+            Record(graph).run(torch.zeros(1, *input_shape))
+    except Exception as e:  # the model cannot take this input size (channels, too small for its pools)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UnsupportedError(f"{source} does not run on a {'x'.join(map(str, input_shape))} input "
+                               f"(--input): {first}") from None
+    return shapes
+
+
 def trace_to_spec(model: nn.Module, name: str, input_shape: tuple[int, int, int], source: str) -> TorchvisionImport:
     """Trace ``model`` (eval mode) and write the equivalent spec; raises :class:`UnsupportedError` listing
     every construct that cannot be written."""
@@ -173,12 +195,7 @@ def trace_to_spec(model: nn.Module, name: str, input_shape: tuple[int, int, int]
     except Exception as e:  # fx raises many types for control flow it cannot follow
         first = (str(e).splitlines() or [""])[0]
         raise UnsupportedError(f"{source}: torch.fx cannot trace it ({type(e).__name__}: {first})") from None
-    from torch.fx.passes.shape_prop import ShapeProp
-
-    with torch.no_grad():
-        ShapeProp(graph).propagate(torch.zeros(1, *input_shape))
-    shapes = {n.name: tuple(n.meta["tensor_meta"].shape) for n in graph.graph.nodes
-              if hasattr(n.meta.get("tensor_meta"), "shape")}
+    shapes = _shapes(graph, input_shape, source)
     output = next(n for n in graph.graph.nodes if n.op == "output")
     logits = output.args[0]
     classes = shapes[logits.name][-1] if isinstance(logits, fx.Node) else 0
