@@ -331,3 +331,16 @@ def test_ray_actor_reports_errors_as_data(models, folder, tmp_path):
     assert row["error"][0] == "" and row["rows"][0] == 3 and (tmp_path / "part-00003.parquet").is_file()
     np.testing.assert_allclose(read_features(tmp_path / "part-00003.parquet", "fc7")[1],
                                FeatureExtractor(models["fc7"])(files), atol=1e-6)
+
+
+def test_ray_restart_setting_follows_what_map_batches_accepts():
+    """`max_restarts` goes through Ray's catch-all remote arguments, deprecated for removal in Ray 2.64: it
+    is passed where map_batches still takes them and left out where not."""
+    from cnds_runtime.extract import _no_restarts
+
+    def with_remote_args(fn, *, batch_size=None, **ray_remote_args): ...
+
+    def without_remote_args(fn, *, batch_size=None, compute=None): ...
+
+    assert _no_restarts(with_remote_args) == {"max_restarts": 0}
+    assert _no_restarts(without_remote_args) == {}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -248,10 +249,17 @@ class ShardExtractor:
                 "seconds": np.array(seconds), "error": np.array(errors, dtype=object)}
 
 
-_NO_RESTARTS = {"max_restarts": 0}
-"""A failed actor is not restarted: its shard is redone by rerunning the command (finished shards are kept).
-Ray Data's default (restart forever) also makes Ray log a warning line per actor, because the actors'
-constructor arguments live in the object store (ray-project/ray#53727)."""
+def _no_restarts(map_batches) -> dict:
+    """Keyword arguments that stop Ray from restarting a failed actor: its shard is redone by rerunning the
+    command (finished shards are kept). Ray Data's default (restart forever) also makes Ray log a warning line
+    per actor, because the actors' constructor arguments live in the object store (ray-project/ray#53727).
+
+    Ray takes ``max_restarts`` only through ``map_batches``' catch-all remote arguments, deprecated in 2.60
+    and announced to go in 2.64; where they are gone, Ray's default applies (failures still reach the driver,
+    as data, through :class:`ShardExtractor`'s error column)."""
+    takes_remote_args = any(p.kind is inspect.Parameter.VAR_KEYWORD
+                            for p in inspect.signature(map_batches).parameters.values())
+    return {"max_restarts": 0} if takes_remote_args else {}
 
 
 def part_name(index: int) -> str:
@@ -387,7 +395,7 @@ def extract_ray(model_path: str | os.PathLike, paths: Sequence[str | os.PathLike
                 warnings.simplefilter("ignore")
                 results = ray.data.from_items(todo).map_batches(
                     ShardExtractor, batch_size=1, batch_format="numpy", num_cpus=threads,
-                    compute=ray.data.ActorPoolStrategy(size=actors), **_NO_RESTARTS,
+                    compute=ray.data.ActorPoolStrategy(size=actors), **_no_restarts(ray.data.Dataset.map_batches),
                     fn_constructor_kwargs=dict(model=os.path.abspath(model_path), out=os.path.abspath(out),
                                                layers=list(layout.layers), top_k=layout.top_k,
                                                batch_size=batch_size, threads=threads, skip_bad=skip_bad))
