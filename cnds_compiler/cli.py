@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .cli_args import seed_argument
 from .errors import CndsError, report
 from .lowering.deploy import PRECISIONS
 
@@ -52,7 +53,7 @@ class CompileCLI:
                           "accuracy change of fp16/int8 (int8 default: the calibration source)")
         onnx.add_argument("--val-size", type=int, default=10_000, metavar="N",
                           help="at most this many validation images (default 10000)")
-        onnx.add_argument("--seed", type=int, default=0, help="initialisation seed without --weights (default 0)")
+        onnx.add_argument("--seed", type=seed_argument, default=0, help="initialisation seed without --weights (default 0)")
         onnx.add_argument("--opset", type=int, default=17, choices=range(17, 21), metavar="{17..20}",
                           help="ai.onnx opset (default 17)")
         return p

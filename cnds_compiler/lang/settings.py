@@ -9,6 +9,7 @@ from typing import Any
 from .. import ast
 from ..errors import ArgumentError, DuplicateNameError, SupervisionError, UnknownNameError, did_you_mean
 from ..ir import (
+    MAX_SEED,
     InitScheme,
     LossKind,
     LrPolicy,
@@ -77,7 +78,7 @@ TRAIN_KEYS: dict[str, Callable[[Any, Span, dict], Any]] = {
     "batch": lambda v, s, e: as_int(v, s, "batch"),
     "bias_lr_mult": lambda v, s, e: as_float(v, s, "bias_lr_mult", lo=0.0),
     "bias_decay": lambda v, s, e: as_float(v, s, "bias_decay", lo=0.0),
-    "seed": lambda v, s, e: as_int(v, s, "seed", minimum=0),
+    "seed": lambda v, s, e: as_int(v, s, "seed", minimum=0, maximum=MAX_SEED),
 }
 
 DATA_KEYS: dict[str, Callable[[Any, Span, dict], Any]] = {

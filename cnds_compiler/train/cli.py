@@ -6,7 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..cli_args import seed_argument
 from ..errors import CndsError, OutputError, report
+from ..ir import MAX_SEED
 
 DATA_HELP = ("digits (scikit-learn's bundled 8x8 digits, offline), fashion-mnist[:DIR] (IDX .gz files; "
              "default /usr/share/datasets/fashion-mnist), imagefolder:DIR (DIR/train/<class>/..., DIR/val/<class>/...)")
@@ -58,7 +60,7 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--momentum", type=float, help="override the spec's momentum")
     p.add_argument("--weight-decay", type=float, help="override the spec's weight decay")
     p.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), help="override the spec's optimizer")
-    p.add_argument("--seed", type=_count(0), help="override the spec's seed")
+    p.add_argument("--seed", type=seed_argument, help=f"override the spec's seed (0..{MAX_SEED})")
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
     p.add_argument("--grad-accum", type=_count(1), default=1, help="gradient accumulation steps")
     p.add_argument("--limit-train", type=_count(1), help="use only the first N training examples")

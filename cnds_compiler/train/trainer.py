@@ -33,7 +33,7 @@ import torch
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..errors import CheckpointError, TrainingError
 from ..io import atomic_write_text
-from ..ir import Network, TrainConfig
+from ..ir import MAX_SEED, Network, TrainConfig
 from ..serialize import dumps
 from .loss import alphas, deep_supervision_loss
 from .schedule import lr_factor
@@ -297,7 +297,7 @@ def evaluate(model, loader, device, branches: tuple[str, ...], ten_crop: bool = 
 
 _OVERRIDE_RANGES = {
     "epochs": (1, None), "batch": (1, None), "lr": (0.0, None), "momentum": (0.0, 1.0),
-    "weight_decay": (0.0, None), "seed": (0, None),
+    "weight_decay": (0.0, None), "seed": (0, MAX_SEED),
 }
 
 
