@@ -68,6 +68,9 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-monitor", type=_count(0), default=0, metavar="N",
                    help="record every conv layer's mean |gradient| every N steps into gradients.json")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--memory-budget", type=float, metavar="GiB",
+                   help="memory the training may use, checked against an estimate before anything is allocated "
+                   "(default: the GPU's free memory, else the RAM available now; env CNDS_MEMORY_BUDGET_GIB)")
     _common(p)
     return p
 
@@ -122,6 +125,7 @@ def train_main(argv: list[str] | None = None) -> int:
     configure_threads()  # before torch is imported: OpenMP reads its settings once
     try:
         from ..frontend import compile_spec
+        from ..memory import budget_from_gib
         from .trainer import RunOptions, Trainer, effective_config
 
         net = compile_spec(args.spec)
@@ -142,7 +146,7 @@ def train_main(argv: list[str] | None = None) -> int:
             mixed_precision=args.mixed_precision, grad_accum=args.grad_accum, cpu=args.cpu,
             workers=args.workers, strict=args.strict, ten_crop=args.ten_crop, limit_train=args.limit_train,
             limit_val=args.limit_val, progress=not args.no_progress, grad_monitor=args.grad_monitor,
-            max_steps=args.max_steps,
+            max_steps=args.max_steps, memory_budget=budget_from_gib(args.memory_budget),
         )
         trainer = Trainer(net, cfg, opts)
         history = trainer.run()
