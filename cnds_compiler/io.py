@@ -62,17 +62,24 @@ def read_bounded_text(path: str | Path, what: str, error: type, limit: int = MAX
     except FileNotFoundError:
         raise error(f"no such {what}", path=str(path)) from None
     except OSError as e:  # permissions, a symlink loop (ELOOP), a NUL byte in the name
-        raise error(f"cannot read {what} ({e.strerror or e})", path=str(path)) from None
+        import errno
+
+        reason = "a symlink loop" if e.errno == errno.ELOOP else e.strerror or e
+        raise error(f"cannot read {what} ({reason})", path=str(path)) from None
     except ValueError as e:
         raise error(f"cannot read {what} ({e})", path=str(path)) from None
+    info = os.fstat(fd)  # the opened file itself: no window for a swap between check and read
+    problem = None
+    if stat.S_ISDIR(info.st_mode):
+        problem = f"cannot read {what}: is a folder"
+    elif not stat.S_ISREG(info.st_mode):
+        problem = f"cannot read {what}: not a regular file ({_file_kind(info.st_mode)})"
+    elif info.st_size > limit:
+        problem = f"{what} is {info.st_size:,} bytes, over the limit of {limit:,}"
+    if problem is not None:
+        os.close(fd)
+        raise error(problem, path=str(path))
     with os.fdopen(fd, "rb") as f:
-        info = os.fstat(fd)  # the opened file itself: no window for a swap between check and read
-        if stat.S_ISDIR(info.st_mode):
-            raise error(f"cannot read {what}: is a folder", path=str(path))
-        if not stat.S_ISREG(info.st_mode):
-            raise error(f"cannot read {what}: not a regular file ({_file_kind(info.st_mode)})", path=str(path))
-        if info.st_size > limit:
-            raise error(f"{what} is {info.st_size:,} bytes, over the limit of {limit:,}", path=str(path))
         try:
             data = f.read(limit + 1)  # the size may have grown since fstat
         except OSError as e:

@@ -314,10 +314,3 @@ class _Reader:
 def _show(value) -> str:
     text = json.dumps(value) if not isinstance(value, _Missing) else "nothing"
     return text if len(text) <= 60 else text[:57] + "..."
-
-
-class _Missing:
-    pass
-
-
-REQUIRED_ENTRY = _Missing()

@@ -36,8 +36,8 @@ def _check_shape(entry: str, per_example: tuple[int, ...], graph_shape, path: Pa
     """The metadata's per-example shape against the graph's ``(N, ...)`` shape, where the graph fixes it
     (a named or unknown dimension is taken as agreeing)."""
     dims = list(graph_shape or [])[1:]
-    fixed = [(m, g) for m, g in zip(per_example, dims) if isinstance(g, int)]
-    if len(dims) != len(per_example) or any(m != g for m, g in fixed):
+    if len(dims) != len(per_example) or any(
+            isinstance(g, int) and m != g for m, g in zip(per_example, dims, strict=True)):
         raise ModelError(f"inconsistent cnds metadata: cnds.{entry} says {list(per_example)} per example, but the "
                          f"graph's shape is {list(graph_shape or [])}", str(path))
 
