@@ -32,6 +32,7 @@ from PIL import Image
 from cnds_compiler.cli import compile_main
 from cnds_compiler.errors import (
     ArgumentError,
+    DataError,
     IRFormatError,
     MemoryBudgetError,
     SpecIncludeError,
@@ -715,3 +716,21 @@ def test_metadata_fuzz_through_real_model_files(tiny_model, tmp_path):
             continue
         _invariants_hold(model.metadata)
     assert refused > 0
+
+
+@pytest.mark.parametrize("shape", ["parent", "root"])
+def test_symlink_loop_in_a_training_folder_is_one_data_error(shape, tmp_path):
+    from cnds_compiler.data import load_source
+
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            good_image(root / split / cls / "ok.png")
+    link = root / "train" / "b" / "again"
+    link.symlink_to(".." if shape == "parent" else root)
+    spec = tmp_path / "two.cnds"
+    spec.write_text(SMALL)
+    with pytest.raises(DataError, match="symlink loop: leads back to") as e:
+        bounded(load_source, f"imagefolder:{root}", compile_spec(spec))
+    assert e.value.path == str(link)

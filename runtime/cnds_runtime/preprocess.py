@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 import warnings
 from collections.abc import Iterable, Sequence
@@ -105,8 +106,10 @@ def open_image(path: str | os.PathLike) -> Image.Image:
         raise ImageError("is a folder, not an image", str(path)) from None
     except UnidentifiedImageError:
         raise ImageError("not an image file Pillow can read", str(path)) from None
-    except Image.DecompressionBombError:  # over twice the limit: Pillow refuses it in open()
-        raise ImageError(f"image is over the limit of {MAX_IMAGE_PIXELS:,} pixels (a decompression bomb?); "
+    except Image.DecompressionBombError as e:  # over twice the limit: Pillow refuses it in open()
+        size = re.search(r"\((\d+) pixels\)", str(e))  # Pillow names the header's pixel count
+        what = f"image is {int(size.group(1)):,} pixels," if size else "image is"
+        raise ImageError(f"{what} over the limit of {MAX_IMAGE_PIXELS:,} pixels (a decompression bomb?); "
                          "set CNDS_MAX_IMAGE_PIXELS to allow more", str(path)) from None
     except (OSError, ValueError, SyntaxError) as e:  # corrupt header, permissions
         raise ImageError(f"cannot read image: {e}", str(path)) from None
@@ -262,8 +265,16 @@ def image_files_under(folder: str | os.PathLike, extensions: Iterable[str] = IMA
         info = os.stat(root)
     except OSError as e:
         raise ImageError(f"cannot list folder ({e.strerror or e})", root) from None
+    # the folders above the root count as ancestors too: a link back to one of them is a loop as well
+    above: dict[tuple[int, int], str] = {}
+    for parent in Path(os.path.realpath(root)).parents:
+        try:
+            p = os.stat(parent)
+        except OSError:
+            break
+        above[(p.st_dev, p.st_ino)] = str(parent)
     # depth first, iteratively (a deep tree never nears Python's recursion limit), in os.walk's order
-    pending: list[tuple[str, dict[tuple[int, int], str]]] = [(root, {(info.st_dev, info.st_ino): root})]
+    pending: list[tuple[str, dict[tuple[int, int], str]]] = [(root, {**above, (info.st_dev, info.st_ino): root})]
     entered = 0
     while pending:
         path, ancestors = pending.pop()
