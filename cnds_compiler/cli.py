@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .cli_args import seed_argument
 from .errors import CndsError, report
 from .lowering.deploy import PRECISIONS
 
@@ -52,7 +53,9 @@ class CompileCLI:
                           "accuracy change of fp16/int8 (int8 default: the calibration source)")
         onnx.add_argument("--val-size", type=int, default=10_000, metavar="N",
                           help="at most this many validation images (default 10000)")
-        onnx.add_argument("--seed", type=int, default=0, help="initialisation seed without --weights (default 0)")
+        onnx.add_argument("--seed", type=seed_argument, default=0, help="initialisation seed without --weights (default 0)")
+        onnx.add_argument("--memory-budget", type=float, metavar="GiB", help="memory the network's parameters "
+                          "may take (default: the RAM available now; env CNDS_MEMORY_BUDGET_GIB)")
         onnx.add_argument("--opset", type=int, default=17, choices=range(17, 21), metavar="{17..20}",
                           help="ai.onnx opset (default 17)")
         return p
@@ -61,7 +64,8 @@ class CompileCLI:
         """Usage errors (exit code 2) for flag combinations that cannot work."""
         a, p = self.args, self.parser
         onnx_only = {"--weights": a.weights, "--features": a.features, "--calibration-data": a.calibration_data,
-                     "--val-data": a.val_data, "--precision": a.precision != "fp32" or None}
+                     "--val-data": a.val_data, "--precision": a.precision != "fp32" or None,
+                     "--memory-budget": a.memory_budget}
         if a.emit != "onnx":
             given = [flag for flag, value in onnx_only.items() if value]
             if given:
@@ -135,11 +139,15 @@ class CompileCLI:
         a = self.args
         if not net.shapes_known:
             raise UnsupportedError("--emit onnx needs the checked IR: run all passes (drop -p)", path=a.spec)
-        report = export_onnx(
-            net, a.output, weights=a.weights, features=parse_features(a.features), precision=a.precision,
-            calibration=a.calibration_data, validation=a.val_data, calibration_size=a.calibration_size,
-            validation_size=a.val_size, seed=a.seed, opset=a.opset,
-        )
+        from .memory import budget_from_gib, budget_given, check_fits, default_budget, weights_estimate
+
+        with budget_given(budget_from_gib(a.memory_budget)):
+            check_fits(weights_estimate(net), *default_budget())  # before any weight is read or module built
+            report = export_onnx(
+                net, a.output, weights=a.weights, features=parse_features(a.features), precision=a.precision,
+                calibration=a.calibration_data, validation=a.val_data, calibration_size=a.calibration_size,
+                validation_size=a.val_size, seed=a.seed, opset=a.opset,
+            )
         if not a.quiet:
             print("\n".join(report.lines()))
 

@@ -330,9 +330,7 @@ class ImageFolderDataset(_CndsDataset):
 
     def __init__(self, samples: Sequence[tuple[str, int]], **kw: Any) -> None:
         super().__init__(**kw)
-        from PIL import Image  # imported here so that forked workers inherit it
-
-        self._Image = Image
+        self._import_readers()
         self.samples = list(samples)
         self.mode = {1: "L", 3: "RGB"}[self.out_shape[0]]
         self._mean_np = np.asarray(self.mean, dtype=np.float32)
@@ -340,14 +338,21 @@ class ImageFolderDataset(_CndsDataset):
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state.pop("_Image", None)  # modules do not pickle (spawned workers)
+        for name in ("_Image", "_open_image", "_ImageError"):
+            state.pop(name, None)  # modules and their functions are imported again in spawned workers
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._import_readers()
+
+    def _import_readers(self) -> None:
+        """Pillow and the runtime's image reader, imported here so that forked workers inherit them."""
+        from cnds_runtime.errors import ImageError
+        from cnds_runtime.preprocess import open_image
         from PIL import Image
 
-        self.__dict__.update(state)
-        self._Image = Image
+        self._Image, self._open_image, self._ImageError = Image, open_image, ImageError
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -368,8 +373,11 @@ class ImageFolderDataset(_CndsDataset):
         i = int(i)
         path, label = self.samples[i]
         try:
-            with Image.open(path) as f:
-                img = _eight_bit(f).convert(self.mode)  # decodes the whole file; 16-bit grey scaled, not clipped
+            # the runtime's reader: regular files only (a FIFO named x.png would block), the pixel limit
+            # checked from the header (a decompression bomb is refused, not decoded)
+            img = _eight_bit(self._open_image(path)).convert(self.mode)  # 16-bit grey scaled, not clipped
+        except self._ImageError as e:
+            return Unreadable(path, e.message)
         except Exception as e:  # noqa: BLE001 - any failure to decode makes the sample unreadable
             reason = f"{type(e).__name__}: {e}".splitlines()[0] if str(e) else type(e).__name__
             return Unreadable(path, reason)
@@ -844,13 +852,15 @@ def _subdirs(path: Path) -> list[str]:
 
 
 def _image_files(folder: Path) -> list[str]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for f in sorted(filenames):
-            if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS:
-                found.append(os.path.join(dirpath, f))
-    return found
+    """The runtime's walk (symlinked folders followed, loops refused, dot names left out), so training and
+    ``cnds-extract DIR`` see the same files."""
+    from cnds_runtime.errors import ImageError
+    from cnds_runtime.preprocess import image_files_under
+
+    try:
+        return image_files_under(folder, IMAGE_EXTENSIONS)
+    except ImageError as e:
+        raise DataError(e.message, path=e.path) from None
 
 
 def _load_imagefolder(name, root: Path, net: Network, fit, strict, ten_crop, limit_train, limit_val, seed):

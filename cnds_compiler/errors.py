@@ -149,6 +149,12 @@ class OutputError(CndsError):
     kind = "output error"
 
 
+class MemoryBudgetError(CndsError):
+    """A network whose parameters (or training state and activations) would not fit in the memory budget."""
+
+    kind = "too large"
+
+
 class TrainingError(CndsError):
     """Training cannot go on (non-finite loss, bad configuration)."""
 

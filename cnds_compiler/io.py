@@ -43,3 +43,60 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+MAX_TEXT_BYTES = 16 * 1024 * 1024
+"""Largest text input (spec, IR JSON, prototxt) read: far above any real network (GoogLeNet's spec is a few
+KiB, its IR JSON under 1 MiB), far below what would exhaust memory."""
+
+
+def read_bounded_text(path: str | Path, what: str, error: type, limit: int = MAX_TEXT_BYTES) -> str:
+    """The UTF-8 text of ``path``, refused before reading when it is not a regular file (a FIFO would block,
+    ``/dev/zero`` never ends) or is larger than ``limit`` bytes. Every failure is one ``error`` (a
+    :class:`~cnds_compiler.errors.CndsError` subclass) naming the path; ``what`` names the file's role."""
+    import stat
+
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO opens at once, unread
+    except FileNotFoundError:
+        raise error(f"no such {what}", path=str(path)) from None
+    except OSError as e:  # permissions, a symlink loop (ELOOP), a NUL byte in the name
+        import errno
+
+        reason = "a symlink loop" if e.errno == errno.ELOOP else e.strerror or e
+        raise error(f"cannot read {what} ({reason})", path=str(path)) from None
+    except ValueError as e:
+        raise error(f"cannot read {what} ({e})", path=str(path)) from None
+    info = os.fstat(fd)  # the opened file itself: no window for a swap between check and read
+    problem = None
+    if stat.S_ISDIR(info.st_mode):
+        problem = f"cannot read {what}: is a folder"
+    elif not stat.S_ISREG(info.st_mode):
+        problem = f"cannot read {what}: not a regular file ({_file_kind(info.st_mode)})"
+    elif info.st_size > limit:
+        problem = f"{what} is {info.st_size:,} bytes, over the limit of {limit:,}"
+    if problem is not None:
+        os.close(fd)
+        raise error(problem, path=str(path))
+    with os.fdopen(fd, "rb") as f:
+        try:
+            data = f.read(limit + 1)  # the size may have grown since fstat
+        except OSError as e:
+            raise error(f"cannot read {what} ({e.strerror or e})", path=str(path)) from None
+    if len(data) > limit:
+        raise error(f"{what} is over the limit of {limit:,} bytes", path=str(path))
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"cannot read {what}: not UTF-8 text (byte {e.start})", path=str(path)) from None
+
+
+def _file_kind(mode: int) -> str:
+    import stat
+
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a plain file"

@@ -388,6 +388,12 @@ class TrainConfig:
     bias_decay: float = 0.0
     """Weight-decay multiplier on biases (Caffe's ``decay_mult``; 0 = weights only)."""
     seed: int = 0
+    """In 0 .. :data:`MAX_SEED`."""
+
+
+MAX_SEED = 2**31 - 1
+"""Largest seed a spec or a ``--seed`` flag may give: within what every RNG cnds seeds accepts (numpy's
+legacy seed stops below 2**32) and what a spec's integers may hold."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -151,13 +151,19 @@ class _ToAst(Transformer):
             raise _RangeError(self._s(meta), f"empty repetition range {lo}..{hi}")
         if hi - lo >= MAX_REPEAT:
             raise _RangeError(self._s(meta), f"repetition range {lo}..{hi} makes more than {MAX_REPEAT} layers")
-        return tuple(str(i) for i in range(lo, hi + 1))
+        return range(lo, hi + 1)  # kept lazy: the label's total is checked before any name is made
+
+    def _suffixes(self, meta, items, prefix: str) -> tuple[str, ...]:
+        total = sum(len(r) for r in items)
+        if total > MAX_REPEAT:  # `c_{1..999,1001..1999,...}`: every range within the limit, the label not
+            raise _RangeError(self._s(meta), f"repetition makes {total:,} layers, more than {MAX_REPEAT}")
+        return tuple(prefix + str(s) for r in items for s in r)
 
     def repeat(self, meta, *items):
-        return tuple(s for r in items for s in r)
+        return self._suffixes(meta, items, "")
 
     def repeat_dotted(self, meta, *items):
-        return tuple("." + s for r in items for s in r)
+        return self._suffixes(meta, items, ".")
 
     def label(self, meta, name, suffixes):
         return (str(name), suffixes, self._s(name))
@@ -205,7 +211,7 @@ class _RangeError(Exception):
 
 
 MAX_REPEAT = 1000
-"""Most layers one ``name_{a..b}`` label may stand for."""
+"""Most layers one ``name_{a..b, c..d}`` label may stand for, over all its ranges together."""
 
 MAX_NESTING = 200
 """Deepest expression nesting accepted (the Transformer and the evaluator recurse over it)."""
@@ -250,15 +256,11 @@ def parse_text(text: str, name: str = "<spec>") -> ast.SpecFile:
 
 
 def parse_file(path: str | Path) -> ast.SpecFile:
-    """Read and parse a spec file; a missing or unreadable file is a :class:`CndsError` naming it."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SpecIncludeError("no such spec file", path=str(path)) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise SpecIncludeError(f"cannot read spec file ({e.__class__.__name__}: {e})", path=str(path)) from None
-    return parse_text(text, str(path))
+    """Read and parse a spec file; a missing, unreadable, non-regular or oversized file is a
+    :class:`CndsError` naming it (checked before reading: ``/dev/zero`` or a FIFO as a spec never hangs)."""
+    from .io import read_bounded_text
+
+    return parse_text(read_bounded_text(path, "spec file", SpecIncludeError), str(path))
 
 
 def _describe(token: Token) -> str:

@@ -9,6 +9,7 @@ spec file the network came from, so errors raised on a reloaded IR still point a
 from __future__ import annotations
 
 import json
+import re
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -248,20 +249,40 @@ def from_json_dict(doc: Any, name: str = "<ir>") -> Network:
         raise IRFormatError(f"inconsistent IR: {e}", path=name) from None
 
 
+MAX_JSON_DEPTH = 64
+"""Deepest nesting of arrays and objects read from an IR document (a real one nests 9 deep). Checked on the
+text before ``json.loads``, the schema validator and the reader recurse over it."""
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+
+
+def json_depth_exceeds(text: str, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether the arrays and objects of JSON ``text`` nest deeper than ``limit`` (brackets inside strings
+    do not count); one pass over the brackets, stopping at the first level past the limit."""
+    depth = 0
+    for ch in _NOT_BRACKET.sub("", _JSON_STRING.sub("", text)):
+        if ch in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
 def loads(text: str, name: str = "<ir>") -> Network:
+    if json_depth_exceeds(text):
+        raise IRFormatError(f"not an IR document: arrays or objects nested more than {MAX_JSON_DEPTH} deep",
+                            path=name)
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
         raise IRFormatError(f"not JSON: {e.msg} at line {e.lineno} column {e.colno}", path=name) from None
-    except RecursionError:
-        raise IRFormatError("not JSON: nested too deeply", path=name) from None
     return from_json_dict(doc, name)
 
 
 def read_ir(path: str | Path) -> Network:
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise IRFormatError(f"cannot read IR file ({e.strerror or e})", path=str(path)) from None
-    return loads(text, str(path))
+    from .io import read_bounded_text
+
+    return loads(read_bounded_text(path, "IR file", IRFormatError), str(path))

@@ -127,7 +127,7 @@ def test_missing_ir_file_is_one_line_naming_the_path(capsys, tmp_path):
     missing = tmp_path / "missing.json"
     code, _, err = run_cli(capsys, missing)
     assert code == 1
-    assert err.startswith(f"{missing}: invalid IR: cannot read IR file") and err.count("\n") == 1
+    assert err.startswith(f"{missing}: invalid IR: no such IR file") and err.count("\n") == 1
 
 
 def test_bad_spec_in_a_subprocess_has_no_traceback(write):

@@ -529,13 +529,20 @@ class CndsNet(nn.Module):
                 f"{n:,} params)")
 
 
-def build_module(net: Network, seed: int | None = None, materialize: bool = True) -> CndsNet:
+def build_module(net: Network, seed: int | None = None, materialize: bool = True,
+                 memory_budget: int | None = None) -> CndsNet:
     """Build and initialise the module of a checked IR (``seed`` makes the initialisation repeatable).
 
     ``materialize=False`` leaves every tensor on ``meta``: the module's structure and shapes, no memory.
+    Before allocating, the parameters' size is checked against ``memory_budget`` bytes (default:
+    ``CNDS_MEMORY_BUDGET_GIB``, else the RAM available now): :class:`MemoryBudgetError` when they would not fit.
     """
     if not materialize:
         return CndsNet(net, materialize=False)
+    from ..memory import check_fits, default_budget, weights_estimate
+
+    budget, where = (memory_budget, "memory_budget") if memory_budget is not None else default_budget()
+    check_fits(weights_estimate(net), budget, where)
     if seed is None:
         return CndsNet(net)
     with torch.random.fork_rng(devices=[]):

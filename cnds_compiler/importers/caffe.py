@@ -138,12 +138,10 @@ class CaffeImport:
 
 def import_caffe(path: Path, name: str | None = None, input_shape=None) -> CaffeImport:
     """Read ``path`` and write the equivalent spec text (compile it to check it)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        from ..errors import SpecIncludeError
+    from ..errors import SpecIncludeError
+    from ..io import read_bounded_text
 
-        raise SpecIncludeError(f"cannot read prototxt ({e.__class__.__name__})", path=str(path)) from None
+    text = read_bounded_text(path, "prototxt", SpecIncludeError)
     net = parse_prototxt(text, str(path))
     return _Importer(net, path, name, input_shape).run()
 

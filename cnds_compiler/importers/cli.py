@@ -91,9 +91,13 @@ def _import(args, out: Path):
             state = _checkpoint(net, imported.state_dict(load_state_dict(weights, imported.model)))
         return text, state, imported.params
     path = Path(source)
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():  # a link leading nowhere is reported by the reader
         raise SpecIncludeError("no such prototxt file", path=str(path))
-    if path.resolve() == out.resolve():
+    try:
+        overwrites = path.resolve() == out.resolve()
+    except (OSError, RuntimeError):  # a symlink loop: it is no file -o could name
+        overwrites = False
+    if overwrites:
         raise OutputError("-o would overwrite the prototxt it imports", path=str(out))
     from .caffe import import_caffe
 

@@ -89,6 +89,8 @@ class _Lowering:
         """Qualified statement name → output node, for every statement lowered so far."""
         self.top_values: dict[str, str] = {}
         """The same for the spec's own (top-level) statements, in order."""
+        self.top_statement: Span | None = None
+        """The spec statement being lowered (what a size error points at, not a line inside a block)."""
 
     # ---- names -----------------------------------------------------------------------------------
     def resolve(self, name: str, span: Span, scope: _Scope) -> str:
@@ -122,7 +124,10 @@ class _Lowering:
                 hint="ops after the first in a statement are named NAME_relu, NAME_dropout, ...",
             )
         if len(self.nodes) >= MAX_NODES:
-            raise ArgumentError(f"the network has more than {MAX_NODES} nodes", node.span)
+            # point at the spec statement whose expansion (repetitions times blocks) crossed the limit
+            top = self.top_statement or statement
+            notes = ((node.span, "while expanding this op"),) if node.span != top else ()
+            raise ArgumentError(f"the network has more than {MAX_NODES:,} nodes", top, notes=notes)
         self.node_spans[node.name] = node.span
         self.nodes.append(node)
 
@@ -143,6 +148,8 @@ class _Lowering:
         return prev
 
     def statement(self, name: str, d: ast.LayerDef, scope: _Scope, prev: str) -> str:
+        if not scope.stack:  # a statement of the spec itself (network or branch), not one inside a block
+            self.top_statement = d.span
         full = scope.prefix + name
         group = scope.group or full
         first = d.ops[0]

@@ -132,6 +132,10 @@ def _merge_layer(st: ast.LayerDef, merged: Merged, seen: dict[str, Span], base_n
             merged.layers.append((name, st))
 
 
+MAX_EXTENDS_DEPTH = 32
+"""Most bases one spec may stand on, through ``extends`` chains (each level is a recursive call)."""
+
+
 def load(path: Path, stack: tuple[Path, ...], span: Span | None, merged: Merged, spec: ast.SpecFile | None = None):
     if spec is None:
         try:
@@ -153,6 +157,8 @@ def load(path: Path, stack: tuple[Path, ...], span: Span | None, merged: Merged,
             raise SpecIncludeError(f"cannot extend {extends[0].path!r}: {e}", extends[0].span) from None
         if target in stack:
             raise SpecIncludeError(f"{extends[0].path!r} extends itself (cycle through {target.name})", extends[0].span)
+        if len(stack) > MAX_EXTENDS_DEPTH:  # checked before recursing: a chain of thousands never nears Python's limit
+            raise SpecIncludeError(f"'extends' chain deeper than {MAX_EXTENDS_DEPTH} bases", extends[0].span)
         load(target, stack + (target,), extends[0].span, merged)
     text_source = spec.statements[0].span.source if spec.statements else None
     if text_source is not None:

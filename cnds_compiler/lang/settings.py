@@ -9,6 +9,7 @@ from typing import Any
 from .. import ast
 from ..errors import ArgumentError, DuplicateNameError, SupervisionError, UnknownNameError, did_you_mean
 from ..ir import (
+    MAX_SEED,
     InitScheme,
     LossKind,
     LrPolicy,
@@ -67,6 +68,12 @@ def _float_list(value: Any, span: Span, what: str, length: int | None) -> tuple[
     return result * (length if len(result) == 1 and length else 1)
 
 
+def _nonzero(values: tuple[float, ...], span: Span, what: str) -> tuple[float, ...]:
+    if any(v == 0 for v in values):
+        raise ArgumentError(f"{what} must not be 0 (pixels are divided by it)", span)
+    return values
+
+
 TRAIN_KEYS: dict[str, Callable[[Any, Span, dict], Any]] = {
     "optimizer": lambda v, s, e: as_word(v, s, "optimizer", ("sgd", "adam", "adamw")),
     "lr": lambda v, s, e: as_float(v, s, "lr", lo=0.0),
@@ -77,13 +84,13 @@ TRAIN_KEYS: dict[str, Callable[[Any, Span, dict], Any]] = {
     "batch": lambda v, s, e: as_int(v, s, "batch"),
     "bias_lr_mult": lambda v, s, e: as_float(v, s, "bias_lr_mult", lo=0.0),
     "bias_decay": lambda v, s, e: as_float(v, s, "bias_decay", lo=0.0),
-    "seed": lambda v, s, e: as_int(v, s, "seed", minimum=0),
+    "seed": lambda v, s, e: as_int(v, s, "seed", minimum=0, maximum=MAX_SEED),
 }
 
 DATA_KEYS: dict[str, Callable[[Any, Span, dict], Any]] = {
     "resize": lambda v, s, e: as_pair(v, s, "resize"),
     "mean": lambda v, s, e: _float_list(v, s, "mean", e["__channels__"]),
-    "std": lambda v, s, e: _float_list(v, s, "std", e["__channels__"]),
+    "std": lambda v, s, e: _nonzero(_float_list(v, s, "std", e["__channels__"]), s, "std"),
     "mirror": lambda v, s, e: as_bool(v, s, "mirror"),
 }
 

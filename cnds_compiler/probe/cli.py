@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..cli_args import seed_argument
 from ..errors import CndsError, report
 from .rule import BRANCHES_KEPT, DEFAULT_MIN_GAP, DEFAULT_THRESHOLD, Proposal
 
@@ -57,7 +58,7 @@ def _probe_parser() -> argparse.ArgumentParser:
                    "to keep each layer's own (default 0)")
     p.add_argument("--lr", type=float, help="learning rate of the probe's SGD steps (default: the spec's; 0: no "
                    "weight update, back-prop only)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, data order and dropout (default 0)")
+    p.add_argument("--seed", type=seed_argument, default=0, help="seed of the initialisation, data order and dropout (default 0)")
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                    help=f"mean |grad| below which a layer's gradient has vanished (default {DEFAULT_THRESHOLD:g})")
     p.add_argument("--min-gap", type=int, default=DEFAULT_MIN_GAP,

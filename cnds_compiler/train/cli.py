@@ -6,7 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..cli_args import seed_argument
 from ..errors import CndsError, OutputError, report
+from ..ir import MAX_SEED
 
 DATA_HELP = ("digits (scikit-learn's bundled 8x8 digits, offline), fashion-mnist[:DIR] (IDX .gz files; "
              "default /usr/share/datasets/fashion-mnist), imagefolder:DIR (DIR/train/<class>/..., DIR/val/<class>/...)")
@@ -58,7 +60,7 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--momentum", type=float, help="override the spec's momentum")
     p.add_argument("--weight-decay", type=float, help="override the spec's weight decay")
     p.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), help="override the spec's optimizer")
-    p.add_argument("--seed", type=_count(0), help="override the spec's seed")
+    p.add_argument("--seed", type=seed_argument, help=f"override the spec's seed (0..{MAX_SEED})")
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
     p.add_argument("--grad-accum", type=_count(1), default=1, help="gradient accumulation steps")
     p.add_argument("--limit-train", type=_count(1), help="use only the first N training examples")
@@ -66,6 +68,9 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-monitor", type=_count(0), default=0, metavar="N",
                    help="record every conv layer's mean |gradient| every N steps into gradients.json")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--memory-budget", type=float, metavar="GiB",
+                   help="memory the training may use, checked against an estimate before anything is allocated "
+                   "(default: the GPU's free memory, else the RAM available now; env CNDS_MEMORY_BUDGET_GIB)")
     _common(p)
     return p
 
@@ -120,6 +125,7 @@ def train_main(argv: list[str] | None = None) -> int:
     configure_threads()  # before torch is imported: OpenMP reads its settings once
     try:
         from ..frontend import compile_spec
+        from ..memory import budget_from_gib
         from .trainer import RunOptions, Trainer, effective_config
 
         net = compile_spec(args.spec)
@@ -140,7 +146,7 @@ def train_main(argv: list[str] | None = None) -> int:
             mixed_precision=args.mixed_precision, grad_accum=args.grad_accum, cpu=args.cpu,
             workers=args.workers, strict=args.strict, ten_crop=args.ten_crop, limit_train=args.limit_train,
             limit_val=args.limit_val, progress=not args.no_progress, grad_monitor=args.grad_monitor,
-            max_steps=args.max_steps,
+            max_steps=args.max_steps, memory_budget=budget_from_gib(args.memory_budget),
         )
         trainer = Trainer(net, cfg, opts)
         history = trainer.run()

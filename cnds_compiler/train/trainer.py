@@ -20,6 +20,7 @@ import importlib.util
 import io
 import json
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -33,7 +34,7 @@ import torch
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..errors import CheckpointError, TrainingError
 from ..io import atomic_write_text
-from ..ir import Network, TrainConfig
+from ..ir import MAX_SEED, Network, TrainConfig
 from ..serialize import dumps
 from .loss import alphas, deep_supervision_loss
 from .schedule import lr_factor
@@ -62,6 +63,9 @@ class RunOptions:
     """Stop after this many optimizer steps in total (for smoke tests and benchmarks)."""
     callbacks: tuple[Callable[[EpochMetrics], None], ...] = ()
     """Called on the main process after every epoch (its checkpoint saved) with that epoch's metrics."""
+    memory_budget: int | None = None
+    """Bytes one training may use (per GPU; for all processes together on CPU). ``None``: the GPU's free
+    memory, or ``CNDS_MEMORY_BUDGET_GIB``, else the RAM available now."""
 
 
 @dataclass
@@ -297,7 +301,7 @@ def evaluate(model, loader, device, branches: tuple[str, ...], ten_crop: bool = 
 
 _OVERRIDE_RANGES = {
     "epochs": (1, None), "batch": (1, None), "lr": (0.0, None), "momentum": (0.0, 1.0),
-    "weight_decay": (0.0, None), "seed": (0, None),
+    "weight_decay": (0.0, None), "seed": (0, MAX_SEED),
 }
 
 
@@ -340,6 +344,7 @@ class Trainer:
                 f"batch {cfg.batch} is not divisible by processes ({world}) × gradient accumulation ({opts.grad_accum})"
             )
         self.micro_batch = cfg.batch // (world * opts.grad_accum)
+        self._check_memory()
         self.start_epoch = 0
         self.step = 0
         self.history: list[dict] = []
@@ -347,6 +352,23 @@ class Trainer:
         self.grad_log: list[dict] = []
 
     # -- setup
+    def _check_memory(self) -> None:
+        """Refuse, before loading data or allocating a tensor, a training whose parameters, gradients,
+        optimiser state and activations (estimated from the IR) exceed the memory budget."""
+        from ..memory import check_fits, default_budget, training_estimate
+
+        estimate = training_estimate(self.net, self.micro_batch, self.cfg.optimizer, self.cfg.momentum)
+        on_gpu = self.acc.device.type == "cuda"
+        processes = 1 if on_gpu else self.acc.num_processes  # CPU processes share this machine's RAM
+        if self.opts.memory_budget is not None:
+            budget, where = self.opts.memory_budget, "--memory-budget"
+        elif on_gpu and not os.environ.get("CNDS_MEMORY_BUDGET_GIB"):
+            budget, where = torch.cuda.mem_get_info(self.acc.device)[0], f"free memory of {self.acc.device}"
+        else:
+            budget, where = default_budget()
+        self._weights_budget = self.opts.memory_budget  # the module is built under the same flag
+        check_fits(estimate, budget, where, processes=processes)
+
     def _load_data(self):
         from ..data import load_source
 
@@ -385,7 +407,7 @@ class Trainer:
         from ..backends.pytorch import build_module
 
         seed_everything(self.cfg.seed)
-        self.model = build_module(self.net)
+        self.model = build_module(self.net, memory_budget=self._weights_budget)
         self.optimizer = make_optimizer(self.model, self.cfg)
         if self.opts.resume:
             self._restore()

@@ -32,6 +32,16 @@ def _as_items(images) -> list:
     return list(images)
 
 
+def _check_shape(entry: str, per_example: tuple[int, ...], graph_shape, path: Path) -> None:
+    """The metadata's per-example shape against the graph's ``(N, ...)`` shape, where the graph fixes it
+    (a named or unknown dimension is taken as agreeing)."""
+    dims = list(graph_shape or [])[1:]
+    if len(dims) != len(per_example) or any(
+            isinstance(g, int) and m != g for m, g in zip(per_example, dims, strict=True)):
+        raise ModelError(f"inconsistent cnds metadata: cnds.{entry} says {list(per_example)} per example, but the "
+                         f"graph's shape is {list(graph_shape or [])}", str(path))
+
+
 class CndsModel:
     """A cnds ONNX export in an onnxruntime session, with the metadata it carries.
 
@@ -72,10 +82,13 @@ class CndsModel:
         if inputs != [self.metadata.input_name]:
             raise ModelError(f"graph inputs {inputs} do not match the metadata's input "
                              f"'{self.metadata.input_name}'", str(self.path))
-        graph_outputs = {o.name for o in self.session.get_outputs()}
+        graph_outputs = {o.name: o.shape for o in self.session.get_outputs()}
         missing = [o.name for o in self.metadata.outputs if o.name not in graph_outputs]
         if missing:
             raise ModelError(f"metadata names outputs {missing} the graph does not have", str(self.path))
+        _check_shape("input_shape", self.metadata.input_shape, self.session.get_inputs()[0].shape, self.path)
+        for o in self.metadata.outputs:
+            _check_shape(f"outputs '{o.name}'", o.shape, graph_outputs[o.name], self.path)
         c = self.metadata.input_shape[0]
         self.preprocess = Preprocessor.from_metadata(self.metadata) if c in (1, 3) else None
 

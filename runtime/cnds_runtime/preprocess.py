@@ -9,7 +9,11 @@ centre-cropped to the input size, scaled to [0, 1] and normalised. Only Pillow a
 
 from __future__ import annotations
 
+import errno
 import os
+import re
+import stat
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,8 +43,61 @@ def eight_bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(a * (255.0 / 65535.0) + 0.5, 0, 255).astype(np.uint8), mode="L")
 
 
+def _pixel_limit(default: int = 89_478_485) -> int:
+    text = os.environ.get("CNDS_MAX_IMAGE_PIXELS", "").strip()
+    if not text:
+        return default
+    if not text.isdigit() or int(text) < 1:
+        warnings.warn(f"CNDS_MAX_IMAGE_PIXELS={text!r} is not a positive integer; using {default:,}", stacklevel=2)
+        return default
+    return int(text)
+
+
+MAX_IMAGE_PIXELS = _pixel_limit()
+"""Largest image (width x height) decoded, read from the file's header before any pixel is: Pillow's own
+default (a quarter GiB of 24-bit pixels), set explicitly so a decompression bomb (a few KiB of PNG that
+decodes to gigabytes) is one line naming the file, never a memory blow-up. ``CNDS_MAX_IMAGE_PIXELS`` raises it."""
+
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+# Pillow warns (DecompressionBombWarning) between its limit and twice it, and raises above. Every image it
+# would warn about is refused by open_image's own header check with a message naming the file, so the
+# warning would only add an anonymous second line.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+def _bomb(width: int, height: int, path) -> ImageError:
+    return ImageError(
+        f"image is {width}x{height} = {width * height:,} pixels, over the limit of {MAX_IMAGE_PIXELS:,} "
+        "(a decompression bomb?); set CNDS_MAX_IMAGE_PIXELS to allow more", str(path))
+
+
+def check_image_file(path: str | os.PathLike) -> None:
+    """Refuse, before opening it, a path that is not a regular file: reading a FIFO blocks forever and
+    ``/dev/zero`` never ends, whatever the name says. One :class:`ImageError` naming the path."""
+    try:
+        info = os.stat(path)  # follows symlinks: what the name leads to is what would be read
+    except FileNotFoundError:
+        broken = os.path.islink(path)
+        raise ImageError("broken symlink" if broken else "no such image file", str(path)) from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ImageError("symlink loop (the link leads back to itself)", str(path)) from None
+        raise ImageError(f"cannot read image ({e.strerror or e})", str(path)) from None
+    except ValueError as e:  # a NUL byte in the name
+        raise ImageError(f"cannot read image ({e})", str(path)) from None
+    if stat.S_ISDIR(info.st_mode):
+        raise ImageError("is a folder, not an image", str(path))
+    if not stat.S_ISREG(info.st_mode):
+        kind = next((name for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                                             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+                     if test(info.st_mode)), "not a plain file")
+        raise ImageError(f"not a regular file ({kind}); only image files are read", str(path))
+
+
 def open_image(path: str | os.PathLike) -> Image.Image:
-    """Read an image file fully (so a truncated file fails here, naming the file)."""
+    """Read an image file fully (so a truncated file fails here, naming the file). Only regular files are
+    opened, and only images whose header gives at most :data:`MAX_IMAGE_PIXELS` pixels are decoded."""
+    check_image_file(path)
     try:
         img = Image.open(path)
     except FileNotFoundError:
@@ -49,8 +106,17 @@ def open_image(path: str | os.PathLike) -> Image.Image:
         raise ImageError("is a folder, not an image", str(path)) from None
     except UnidentifiedImageError:
         raise ImageError("not an image file Pillow can read", str(path)) from None
+    except Image.DecompressionBombError as e:  # over twice the limit: Pillow refuses it in open()
+        size = re.search(r"\((\d+) pixels\)", str(e))  # Pillow names the header's pixel count
+        what = f"image is {int(size.group(1)):,} pixels," if size else "image is"
+        raise ImageError(f"{what} over the limit of {MAX_IMAGE_PIXELS:,} pixels (a decompression bomb?); "
+                         "set CNDS_MAX_IMAGE_PIXELS to allow more", str(path)) from None
     except (OSError, ValueError, SyntaxError) as e:  # corrupt header, permissions
         raise ImageError(f"cannot read image: {e}", str(path)) from None
+    width, height = img.size
+    if width * height > MAX_IMAGE_PIXELS:
+        img.close()
+        raise _bomb(width, height, path)
     try:
         # load() reads the pixels and, for a single-frame file opened by name, closes the file itself, so
         # no copy is needed; multi-frame formats keep their file open: copy that frame and close it
@@ -59,7 +125,10 @@ def open_image(path: str | os.PathLike) -> Image.Image:
             with img:
                 return img.copy()
         return img
-    except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data
+    except Image.DecompressionBombError:  # a frame or tile larger than the header said
+        img.close()
+        raise ImageError(f"image decodes to over {MAX_IMAGE_PIXELS:,} pixels (a decompression bomb?)", str(path)) from None
+    except (OSError, ValueError, SyntaxError, MemoryError) as e:  # truncated or corrupt data
         img.close()
         raise ImageError(f"cannot read image: {e}", str(path)) from None
 
@@ -179,13 +248,75 @@ def center_crop(img: Image.Image, size: tuple[int, int]) -> Image.Image:
     return img.crop((left, top, left + tw, top + th))
 
 
+MAX_WALK_FOLDERS = 100_000
+"""Most folders one walk enters (symlinks may reach one folder many times; a loop is refused outright)."""
+
+
+def image_files_under(folder: str | os.PathLike, extensions: Iterable[str] = IMAGE_EXTENSIONS) -> list[str]:
+    """Every file with an image extension under ``folder``, recursively: names starting with ``.`` are left
+    out, a folder's own files come before its subfolders', each sorted by name. Symlinked folders are
+    followed, but a link back to a folder on the way down (a loop) is an :class:`ImageError` naming it, so
+    a walk always ends. Files are listed by name only: a FIFO or device named ``x.png`` is listed and then
+    refused by :func:`open_image` (or skipped, under ``skip_bad``)."""
+    found: list[str] = []
+    extensions = frozenset(extensions)
+    root = os.fspath(folder)
+    try:
+        info = os.stat(root)
+    except OSError as e:
+        raise ImageError(f"cannot list folder ({e.strerror or e})", root) from None
+    # the folders above the root count as ancestors too: a link back to one of them is a loop as well
+    above: dict[tuple[int, int], str] = {}
+    for parent in Path(os.path.realpath(root)).parents:
+        try:
+            p = os.stat(parent)
+        except OSError:
+            break
+        above[(p.st_dev, p.st_ino)] = str(parent)
+    # depth first, iteratively (a deep tree never nears Python's recursion limit), in os.walk's order
+    pending: list[tuple[str, dict[tuple[int, int], str]]] = [(root, {**above, (info.st_dev, info.st_ino): root})]
+    entered = 0
+    while pending:
+        path, ancestors = pending.pop()
+        entered += 1
+        if entered > MAX_WALK_FOLDERS:
+            raise ImageError(f"more than {MAX_WALK_FOLDERS:,} folders to walk (symlinks reaching the same folders "
+                             "again and again?)", root)
+        try:
+            entries = sorted(os.scandir(path), key=lambda e: e.name)
+        except OSError as e:
+            raise ImageError(f"cannot list folder ({e.strerror or e})", path) from None
+        subfolders = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                is_dir = entry.is_dir()  # follows symlinks; False for a broken or self-referring link
+            except OSError:
+                is_dir = False
+            if is_dir:
+                subfolders.append(entry.path)
+            elif os.path.splitext(entry.name)[1].lower() in extensions:
+                found.append(entry.path)
+        for sub in reversed(subfolders):
+            try:
+                info = os.stat(sub)
+            except OSError as e:
+                raise ImageError(f"cannot list folder ({e.strerror or e})", sub) from None
+            key = (info.st_dev, info.st_ino)
+            if key in ancestors:
+                raise ImageError(f"symlink loop: leads back to {ancestors[key]}", sub)
+            pending.append((sub, {**ancestors, key: sub}))
+    return found
+
+
 def expand_paths(items: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files as given, folders replaced by the image files under them (recursively, sorted)."""
+    """Files as given, folders replaced by the image files under them (:func:`image_files_under`, sorted)."""
     paths: list[Path] = []
     for item in items:
         p = Path(item)
         if p.is_dir():
-            paths.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS))
+            paths.extend(sorted(Path(f) for f in image_files_under(p)))
         else:
             paths.append(p)
     return paths
