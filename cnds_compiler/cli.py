@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import CndsError, report
+from .errors import CndsError, command, report
 from .lowering.deploy import PRECISIONS
 
 
@@ -175,6 +175,7 @@ class CompileCLI:
                 print(f"wrote {out}")
 
 
+@command("cnds-compile")
 def compile_main(argv: list[str] | None = None) -> int:
     return CompileCLI(argv).run()
 
