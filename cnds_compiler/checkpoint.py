@@ -27,6 +27,7 @@ import io
 import math
 import pickle
 import stat
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -85,7 +86,11 @@ def _feed(h, value: Any, depth: int) -> None:
             _feed(h, key, depth + 1)
             _feed(h, value[key], depth + 1)
     elif isinstance(value, (list, tuple)):
-        h.update(b"%s%d|" % (b"l" if isinstance(value, list) else b"t", len(value)))
+        kind = b"l" if isinstance(value, list) else b"t"
+        if value and all(type(v) is int for v in value):  # RNG states: 625 words in one update, not 625
+            h.update(b"%sI%d[%s]" % (kind, len(value), ",".join(map(str, value)).encode()))
+            return
+        h.update(b"%s%d|" % (kind, len(value)))
         for item in value:
             _feed(h, item, depth + 1)
     elif isinstance(value, str):
@@ -140,11 +145,13 @@ def read_checkpoint_file(path: Path) -> Any:
     if path.stat().st_size == 0:
         raise CorruptCheckpointError("checkpoint is empty (0 bytes): a write that never finished?", path=str(path))
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
+        with warnings.catch_warnings():  # torch warns about pickle protocols on stderr: the error says enough
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
         # torch's own text here suggests weights_only=False, i.e. running the file's code: never do that
-        why = "it holds objects other than tensors and plain data" if "global" in str(e).lower() else "corrupt"
-        raise CorruptCheckpointError(f"cannot read checkpoint: not a torch checkpoint, or {why}",
+        raise CorruptCheckpointError("cannot read checkpoint: not a torch checkpoint, or it holds objects other "
+                                     "than tensors and plain data (never loaded: that could run code)",
                                      path=str(path)) from None
     except Exception as e:  # zip, pickle-stream and tensor-rebuild errors alike: the bytes are not a checkpoint
         text = str(e).strip()
@@ -158,14 +165,19 @@ def _normalise(obj: Any, path: Path) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise CheckpointError(f"not a cnds checkpoint: the file holds a {type(obj).__name__}, not a dict",
                               path=str(path))
-    if obj.get("format") == FORMAT:
-        if obj.get("version") != VERSION:
-            raise CheckpointError(f"checkpoint version {obj.get('version')!r} is not supported", path=str(path))
+    tag, version = obj.get("format"), obj.get("version")
+    if isinstance(tag, str) and tag == FORMAT:  # (a tensor compared with == answers with a tensor)
+        if type(version) is not int or version != VERSION:
+            shown = version if type(version) is int else type(version).__name__
+            raise CheckpointError(f"checkpoint version {shown} is not supported", path=str(path))
+        if not all(isinstance(k, str) for k in obj):
+            raise CheckpointError("malformed checkpoint: a field name that is not a string", path=str(path))
         return obj
     if "format" not in obj and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return {"format": FORMAT, "version": VERSION, "model": obj}  # a bare state dict
     if "format" in obj:
-        raise CheckpointError(f"not a cnds checkpoint (format {str(obj.get('format'))[:40]!r})", path=str(path))
+        shown = repr(tag[:40]) if isinstance(tag, str) else f"a {type(tag).__name__}"
+        raise CheckpointError(f"not a cnds checkpoint (format {shown})", path=str(path))
     raise CheckpointError("not a cnds checkpoint (no 'format' field) nor a state dict of tensors", path=str(path))
 
 
@@ -220,6 +232,8 @@ def _check_fields(ckpt: dict[str, Any], path: Path, need: Need) -> None:
     optimizer = ckpt["optimizer"]
     if not isinstance(optimizer.get("state"), dict) or not isinstance(optimizer.get("param_groups"), list):
         raise bad("optimizer", "lacks 'state' or 'param_groups'")
+    if not _rng_states_well_formed(ckpt["rng"]):
+        raise bad("rng", "does not hold the python, numpy and torch RNG states cnds-train saves")
     for i, record in enumerate(ckpt.get("metrics", [])):
         if not (isinstance(record, dict) and isinstance(record.get("epoch"), int)
                 and isinstance(record.get("val_top1_error"), dict)
@@ -227,6 +241,28 @@ def _check_fields(ckpt: dict[str, Any], path: Path, need: Need) -> None:
             raise bad("metrics", f"record {i} is not an epoch record")
     if len(ckpt.get("metrics", [])) > ckpt["epoch"]:
         raise bad("metrics", f"has {len(ckpt['metrics'])} records for {ckpt['epoch']} epochs")
+
+
+def _rng_states_well_formed(rng: dict[str, Any]) -> bool:
+    """The shapes :func:`cnds_compiler.train.trainer.rng_state` writes (python's Mersenne Twister: 625 words;
+    numpy's: 624 words; torch's CPU generator: a byte tensor), so restoring them cannot fail half-way."""
+    def words(values, n: int) -> bool:
+        return len(values) == n and all(type(v) is int and 0 <= v < 2**32 for v in values)
+
+    py, np_state, cpu = rng.get("python"), rng.get("numpy"), rng.get("torch")
+    py_ok = (isinstance(py, (tuple, list)) and len(py) == 3 and type(py[0]) is int
+             and isinstance(py[1], (tuple, list)) and words(py[1][:-1], 624) and type(py[1][-1]) is int
+             and (py[2] is None or isinstance(py[2], float)))
+    np_ok = (isinstance(np_state, (tuple, list)) and len(np_state) == 5 and np_state[0] == "MT19937"
+             and isinstance(np_state[1], torch.Tensor) and np_state[1].dtype == torch.int64
+             and tuple(np_state[1].shape) == (624,) and bool(((np_state[1] >= 0) & (np_state[1] < 2**32)).all())
+             and type(np_state[2]) is int and 0 <= np_state[2] <= 624 and type(np_state[3]) is int
+             and isinstance(np_state[4], float))
+    cpu_ok = isinstance(cpu, torch.Tensor) and cpu.dtype == torch.uint8 and cpu.ndim == 1
+    cuda = rng.get("cuda", [])
+    cuda_ok = isinstance(cuda, (list, tuple)) and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8
+                                                      for t in cuda)
+    return py_ok and np_ok and cpu_ok and cuda_ok
 
 
 def check_matches(ckpt: dict[str, Any], net: Network, path: str | Path, need: Need = "weights") -> None:

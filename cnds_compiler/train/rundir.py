@@ -140,10 +140,12 @@ def _alive(pid: int) -> bool:
 # ---- writing an epoch ------------------------------------------------------------------------------------
 
 
-def write_epoch_checkpoints(folder: Path, state: dict[str, Any], is_best: bool) -> None:
-    """Steps 1 and 2 of the module's order: ``last.pt``, then (when best) ``best.pt``, one serialisation."""
+def write_epoch_checkpoints(folder: Path, state: dict[str, Any], is_best: bool, committed=lambda: None) -> None:
+    """Steps 1 and 2 of the module's order: ``last.pt``, then (when best) ``best.pt``, one serialisation;
+    ``committed()`` is called the moment ``last.pt`` holds the new state."""
     data = checkpoint_bytes(state)
     atomic_write_bytes(folder / "last.pt", data)
+    committed()
     if is_best:
         atomic_write_bytes(folder / "best.pt", data)
 

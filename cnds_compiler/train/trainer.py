@@ -243,12 +243,17 @@ def init_from(model: torch.nn.Module, path: str | Path) -> InitReport:
         for layer, keys in layers.items():
             absent = [k for k in keys if k not in source]
             wrong = [k for k in keys if k in source and tuple(source[k].shape) != tuple(own[k].shape)]
-            if absent or wrong:
+            retyped = [k for k in keys if k in source and k not in wrong and source[k].dtype != own[k].dtype
+                       and not (source[k].is_floating_point() and own[k].is_floating_point())]
+            nonfinite = [k for k in keys if k in source and k not in wrong and source[k].is_floating_point()
+                         and not bool(torch.isfinite(source[k]).all())]
+            if absent or wrong or retyped or nonfinite:
                 mismatch.extend(wrong)
                 left.extend(keys)
                 short = lambda ks: ", ".join(k.rsplit(".", 1)[1] for k in ks)  # noqa: E731
-                why = (f"{short(wrong)} shape differs" if wrong else "") + ("; " if wrong and absent else "") + (
-                    f"{short(absent)} not in the source" if absent else "")
+                why = "; ".join(text for ks, text in ((wrong, "shape differs"), (retyped, "dtype differs"),
+                                                      (nonfinite, "non-finite"), (absent, "not in the source"))
+                                if ks for text in [f"{short(ks)} {text}"])
                 left_layers.append((layer, why))
                 continue
             for k in keys:
@@ -371,6 +376,8 @@ class Trainer:
         self.grad_log: list[dict] = []
         self.epoch_running: int | None = None
         """The epoch in progress (0-based), for the line an interrupted run prints."""
+        self.saved_epoch: int | None = None
+        """The epoch ``last.pt`` holds (``None``: no checkpoint yet)."""
 
     # -- setup
     def _load_data(self):
@@ -440,7 +447,7 @@ class Trainer:
         for note in resumed.notes:
             self.print(f"note: {note}")
         restore_training_state(self.model, self.optimizer, ckpt, resumed.path)
-        self.start_epoch = int(ckpt["epoch"])
+        self.start_epoch = self.saved_epoch = int(ckpt["epoch"])
         self.step = int(ckpt.get("step", 0))
         self.history = list(ckpt.get("metrics", []))
         self.best_error = None if resumed.best_lost else ckpt.get("best_val_error")
@@ -453,8 +460,8 @@ class Trainer:
         last = self.out / "last.pt"
         where = (f"at epoch {self.epoch_running + 1} step {self.step}" if self.epoch_running is not None
                  else "before the first epoch")
-        if self.history:
-            return (f"{where}; {last} (epoch {self.history[-1]['epoch']}) is intact: resume with --resume")
+        if self.saved_epoch is not None:
+            return f"{where}; {last} (epoch {self.saved_epoch}) is intact: resume with --resume"
         if self.opts.resume:
             return f"{where}; {last} is kept: resume with --resume"
         return f"{where}; no epoch was completed, so nothing was saved"
@@ -487,7 +494,10 @@ class Trainer:
         self.acc.wait_for_everyone()
         if not self.acc.is_main_process:
             return
-        write_epoch_checkpoints(self.out, self._state(epoch), is_best)  # the order rundir.py lays out
+        def committed():
+            self.saved_epoch = epoch
+
+        write_epoch_checkpoints(self.out, self._state(epoch), is_best, committed)  # the order rundir.py lays out
 
     # -- the loop
     def run(self) -> list[dict]:
