@@ -184,6 +184,11 @@ def repair_run(folder: Path, net: Network, write: bool = True) -> Resumed:
             found[name] = load_checkpoint(path, net, need="training")
         except CorruptCheckpointError as e:
             damaged[name] = e
+        except CheckpointError:
+            if path.exists():
+                raise
+            # moved aside as damaged by the main process while this one (another rank) was reading
+            damaged[name] = CorruptCheckpointError("moved aside while being read", path=str(path))
     if not found:
         if damaged:
             raise CheckpointError("no intact checkpoint to resume from: " + "; ".join(
@@ -195,9 +200,10 @@ def repair_run(folder: Path, net: Network, write: bool = True) -> Resumed:
     notes = resumed.notes
     epoch = ckpt["epoch"]
     for name, error in damaged.items():
-        notes.append(f"{folder / name} is damaged ({error.message}); kept as {name}.corrupt")
-        if write:
-            os.replace(folder / name, folder / f"{name}.corrupt")
+        aside = _free_name(folder / f"{name}.corrupt")
+        notes.append(f"{folder / name} is damaged ({error.message}); kept as {aside.name}")
+        if write and (folder / name).exists():
+            os.replace(folder / name, aside)
     data = None
     if source != "last.pt":
         notes.append(f"continuing from {source} (epoch {epoch}); last.pt rewritten from it")
@@ -225,6 +231,15 @@ def repair_run(folder: Path, net: Network, write: bool = True) -> Resumed:
                 notes.append(f"metrics.jsonl rewritten to the checkpoint's {len(history)} epochs")
             atomic_write_text(log, text)
     return resumed
+
+
+def _free_name(path: Path) -> Path:
+    """``path``, or ``path.1``, ``path.2``, … : an earlier damaged copy is never overwritten."""
+    candidate, n = path, 0
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}.{n}")
+    return candidate
 
 
 def _best_epoch(ckpt: dict[str, Any]) -> int | None:
