@@ -341,7 +341,7 @@ def test_ctrl_c_in_training_is_one_line_exit_130_and_resumable(tmp_path, quick, 
     assert code == 130 and "Traceback" not in err
     assert err.strip().count("\n") == 0, err
     kept = "(epoch 2)" if where == "writing-the-log" else "(epoch 1)"
-    assert f"interrupted: at epoch 2 step" in err and f"last.pt {kept} is intact: resume with --resume" in err
+    assert "interrupted: at epoch 2 step" in err and f"last.pt {kept} is intact: resume with --resume" in err
     assert not list(tmp_path.glob(".*.tmp")) and not (tmp_path / LOCK_NAME).exists()
     assert train_main([*args, "--resume"]) == 0
     assert_like_reference(tmp_path, reference)
@@ -353,11 +353,12 @@ def _raise_interrupt(*args, **kwargs):
 
 def _cli_cases(tmp_path):
     """(prog, main, argv, what to interrupt): each command stopped in the library call it makes first."""
+    from cnds_runtime.cli import extract_main, predict_main
+
     from cnds_compiler.cli import compile_main
     from cnds_compiler.importers.cli import import_main
     from cnds_compiler.probe.cli import gradplot_main, probe_main
     from cnds_compiler.train.cli import eval_main, train_main
-    from cnds_runtime.cli import extract_main, predict_main
 
     spec, model = str(SPEC), str(tmp_path / "m.onnx")
     return [
@@ -529,8 +530,8 @@ def test_a_file_that_is_not_a_usable_checkpoint_is_one_line_naming_it(tmp_path, 
 
 
 def test_init_from_leaves_the_layers_that_do_not_fit_and_says_why(tmp_path, good, quick, capsys):
-    from cnds_compiler.train.trainer import init_from
     from cnds_compiler.backends.pytorch import build_module
+    from cnds_compiler.train.trainer import init_from
 
     path = tmp_path / "mixed.pt"
     _edit(good, path, lambda s: s["model"].update({

@@ -366,9 +366,8 @@ def import_torchvision(name: str, input_shape: tuple[int, int, int] = (3, 224, 2
 
 def load_state_dict(path: Path, model: nn.Module) -> dict[str, torch.Tensor]:
     """A state dict from ``path`` (weights_only) that fits ``model`` exactly; one-line errors otherwise."""
-    from ..errors import CheckpointError
-
     from ..checkpoint import read_checkpoint_file
+    from ..errors import CheckpointError
 
     if not path.exists():
         raise CheckpointError("no such weights file", path=str(path))

@@ -72,7 +72,7 @@ class RunLock:
                     where = "" if host == socket.gethostname() else f" on host {host}"
                     raise RunLockedError(
                         f"another cnds-train (pid {pid}{where}) is training into this folder; wait for it to "
-                        f"finish, or delete {self.path} if that process is gone", path=str(self.path.parent))
+                        f"finish, or delete {self.path} if that process is gone", path=str(self.path.parent)) from None
                 self._break_stale(pid)
                 continue
             except OSError as e:
