@@ -251,9 +251,9 @@ def init_from(model: torch.nn.Module, path: str | Path) -> InitReport:
                 mismatch.extend(wrong)
                 left.extend(keys)
                 short = lambda ks: ", ".join(k.rsplit(".", 1)[1] for k in ks)  # noqa: E731
-                why = "; ".join(text for ks, text in ((wrong, "shape differs"), (retyped, "dtype differs"),
-                                                      (nonfinite, "non-finite"), (absent, "not in the source"))
-                                if ks for text in [f"{short(ks)} {text}"])
+                reasons = ((wrong, "shape differs"), (retyped, "dtype differs"), (nonfinite, "non-finite"),
+                           (absent, "not in the source"))
+                why = "; ".join(f"{short(ks)} {what}" for ks, what in reasons if ks)
                 left_layers.append((layer, why))
                 continue
             for k in keys:
@@ -494,6 +494,7 @@ class Trainer:
         self.acc.wait_for_everyone()
         if not self.acc.is_main_process:
             return
+
         def committed():
             self.saved_epoch = epoch
 
