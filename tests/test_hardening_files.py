@@ -152,7 +152,7 @@ def test_lock_is_exclusive_within_one_host(tmp_path):
         with pytest.raises(RunLockedError, match=f"pid {os.getpid()}"):
             RunLock(tmp_path).acquire()
     assert not (tmp_path / LOCK_NAME).exists() and not notes
-    (tmp_path / LOCK_NAME).write_text("")  # a holder killed between creating and writing the file
+    (tmp_path / LOCK_NAME).write_text("")  # not a lock cnds writes (they appear whole): taken over
     with RunLock(tmp_path, note=notes.append):
         pass
     assert len(notes) == 1 and not list(tmp_path.iterdir())

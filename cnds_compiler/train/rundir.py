@@ -41,8 +41,10 @@ LOCK_NAME = "train.lock"
 
 
 class RunLock:
-    """``DIR/train.lock``, created with ``O_EXCL`` and holding ``pid host``, so two trainings never write the
-    same run folder. A lock whose process is gone (same host, pid not alive: a SIGKILLed run) is stale and
+    """``DIR/train.lock`` holding ``pid host``, so two trainings never write the same run folder. It is
+    created whole or not at all: written to a temp file made with ``O_EXCL``, then hard-linked to its name,
+    which fails when the name exists (the classic lock recipe that also holds on NFS, and no one ever
+    reads a half-written lock). A lock whose process is gone (same host, pid not alive: a SIGKILLed run) is stale and
     taken over with a note; a live one, or one from another host (whose pid cannot be checked here), is a
     :class:`RunLockedError` naming the holder. Use as a context manager: released on every way out."""
 
@@ -60,13 +62,26 @@ class RunLock:
 
     def acquire(self) -> None:
         me = f"{os.getpid()} {socket.gethostname()}\n"
+        mine = self.path.with_name(f".{LOCK_NAME}.{os.getpid()}.new")  # not *.tmp: a run deletes those
+        try:
+            fd = os.open(mine, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+        except OSError as e:
+            raise OutputError(f"cannot create the run lock ({e.strerror or e})", path=str(self.path)) from None
+        try:
+            self._take(mine)
+        finally:
+            mine.unlink(missing_ok=True)
+
+    def _take(self, mine: Path) -> None:
         for _ in range(5):  # a few rounds: another process may take over or release between our steps
             try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                os.link(mine, self.path)
             except FileExistsError:
                 holder = self._read()
                 if holder is None:
-                    continue  # released (or being written) just now
+                    continue  # released just now
                 pid, host = holder
                 if host != socket.gethostname() or _alive(pid):
                     where = "" if host == socket.gethostname() else f" on host {host}"
@@ -77,8 +92,6 @@ class RunLock:
                 continue
             except OSError as e:
                 raise OutputError(f"cannot create the run lock ({e.strerror or e})", path=str(self.path)) from None
-            with os.fdopen(fd, "w") as f:
-                f.write(me)
             self.held = True
             return
         raise RunLockedError("the run lock keeps changing hands; is another cnds-train starting here?",
@@ -94,8 +107,7 @@ class RunLock:
         parts = text.split()
         if len(parts) == 2 and parts[0].isdigit():
             return int(parts[0]), parts[1]
-        # unreadable content: a creator killed between O_EXCL and the write, or a stray file; treat as
-        # the stale lock of a dead process of this host
+        # not a lock this code writes (locks appear whole): a stray file, taken over as a dead holder's
         return 0, socket.gethostname()
 
     def _break_stale(self, pid: int) -> None:
@@ -115,8 +127,8 @@ class RunLock:
             except OSError:
                 pass
         else:
-            self.note(f"note: took over the stale run lock of process {pid}, which is no longer running "
-                      f"({self.path})")
+            holder = f"of process {pid}, which is no longer running" if pid else "whose holder it does not name"
+            self.note(f"note: took over the stale run lock {holder} ({self.path})")
         aside.unlink(missing_ok=True)
 
     def release(self) -> None:
