@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .cli_args import seed_argument
-from .errors import CndsError, report
+from .errors import CndsError, command, report
 from .lowering.deploy import PRECISIONS
 
 
@@ -183,6 +183,7 @@ class CompileCLI:
                 print(f"wrote {out}")
 
 
+@command("cnds-compile")
 def compile_main(argv: list[str] | None = None) -> int:
     return CompileCLI(argv).run()
 

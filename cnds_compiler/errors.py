@@ -19,6 +19,8 @@ class CndsError(Exception):
 
     #: Short category shown after the location, e.g. ``syntax error``.
     kind = "error"
+    #: The exit code of a command that stops on this error.
+    exit_code = 1
 
     def __init__(
         self,
@@ -137,6 +139,12 @@ class CheckpointError(CndsError):
     kind = "checkpoint error"
 
 
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint file that cannot be read back as written (truncated, bit-flipped, not a torch file):
+    damage, as opposed to a readable checkpoint of another network. ``--resume`` repairs a run from its
+    other checkpoint when one of them is damaged."""
+
+
 class DataError(CndsError):
     """A data source is missing, malformed or does not fit the spec."""
 
@@ -161,6 +169,19 @@ class TrainingError(CndsError):
     kind = "training error"
 
 
+class RunLockedError(CndsError):
+    """Another live process is training into the same run folder."""
+
+    kind = "run in use"
+
+
+class Interrupted(CndsError):
+    """The user pressed Ctrl-C (SIGINT) or the process got SIGTERM; what was saved stays valid."""
+
+    kind = "interrupted"
+    exit_code = 130
+
+
 def did_you_mean(name: str, candidates: Iterable[str]) -> str | None:
     """A "did you mean ...?" hint for a misspelt ``name``, or ``None`` when nothing is close."""
     close = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.6)
@@ -172,14 +193,37 @@ def did_you_mean(name: str, candidates: Iterable[str]) -> str | None:
 
 
 def report(error: CndsError, show_traceback: bool = False) -> int:
-    """What every CLI does with a :class:`CndsError`: print it rendered to stderr and return exit code 1
-    (or re-raise it, with its traceback, under ``--traceback``)."""
+    """What every CLI does with a :class:`CndsError`: print it rendered to stderr and return its exit code
+    (1; 130 for :class:`Interrupted`), or re-raise it, with its traceback, under ``--traceback``."""
     if show_traceback:
         raise error
     import sys
 
     print(error.render(), file=sys.stderr)
-    return 1
+    return error.exit_code
+
+
+def command(prog: str):
+    """Decorate a CLI's ``main(argv) -> int`` so that Ctrl-C at any moment, also while torch is being
+    imported or arguments are parsed, ends it with one line on stderr and exit code 130 (128 + SIGINT), as
+    shells expect, never a traceback. The one place that decides this for every ``cnds-*`` command; a
+    command that knows more (``cnds-train``: the epoch and step) raises :class:`Interrupted` itself."""
+    import functools
+
+    def decorate(main):
+        @functools.wraps(main)
+        def run(argv: list[str] | None = None) -> int:
+            try:
+                return main(argv)
+            except KeyboardInterrupt:
+                import sys
+
+                print(f"{prog}: interrupted", file=sys.stderr)
+                return Interrupted.exit_code
+
+        return run
+
+    return decorate
 
 
 class SpecWarning(UserWarning):

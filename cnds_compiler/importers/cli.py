@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import CndsError, OutputError, SpecIncludeError, report
+from ..errors import CndsError, OutputError, SpecIncludeError, command, report
 
 TORCHVISION = "torchvision:"
 
@@ -46,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+@command("cnds-import")
 def import_main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)

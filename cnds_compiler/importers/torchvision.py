@@ -366,14 +366,12 @@ def import_torchvision(name: str, input_shape: tuple[int, int, int] = (3, 224, 2
 
 def load_state_dict(path: Path, model: nn.Module) -> dict[str, torch.Tensor]:
     """A state dict from ``path`` (weights_only) that fits ``model`` exactly; one-line errors otherwise."""
+    from ..checkpoint import read_checkpoint_file
     from ..errors import CheckpointError
 
     if not path.exists():
         raise CheckpointError("no such weights file", path=str(path))
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle, zip and torch errors alike: the file is not a state dict we can read
-        raise CheckpointError(f"cannot read weights ({type(e).__name__})", path=str(path)) from None
+    state = read_checkpoint_file(path)  # weights_only; a folder, FIFO, empty or unreadable file is one line
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # a checkpoint wrapping its state dict
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -382,9 +380,11 @@ def load_state_dict(path: Path, model: nn.Module) -> dict[str, torch.Tensor]:
     missing = [k for k in own if k not in state]
     extra = [k for k in state if k not in own]
     wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or extra or wrong:
+    retyped = [k for k in own if k in state and k not in wrong and (state[k].dtype != own[k].dtype and not (
+        state[k].is_floating_point() and own[k].is_floating_point()))]
+    if missing or extra or wrong or retyped:
         what = (f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}" if extra
-                else f"shape mismatch at {wrong[:3]}")
+                else f"shape mismatch at {wrong[:3]}" if wrong else f"wrong dtype at {retyped[:3]}")
         raise CheckpointError(f"weights do not fit the model: {what}", path=str(path))
     return {k: state[k] for k in own}
 

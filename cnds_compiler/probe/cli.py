@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ..cli_args import seed_argument
-from ..errors import CndsError, report
+from ..errors import CndsError, command, report
 from .rule import BRANCHES_KEPT, DEFAULT_MIN_GAP, DEFAULT_THRESHOLD, Proposal
 
 PROBE_DESCRIPTION = """\
@@ -111,6 +111,7 @@ def _note(point, proposal, settings, init: str) -> str:
             f"seed {settings.seed})")
 
 
+@command("cnds-probe")
 def probe_main(argv: list[str] | None = None) -> int:
     parser = _probe_parser()
     args = parser.parse_args(argv)
@@ -186,9 +187,6 @@ def probe_main(argv: list[str] | None = None) -> int:
             print(_init_advice(result.init_description, new_net))
     except CndsError as e:
         return report(e, args.traceback)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
     return 0
 
 
@@ -233,6 +231,7 @@ def _gradplot_parser() -> argparse.ArgumentParser:
     return p
 
 
+@command("cnds-gradplot")
 def gradplot_main(argv: list[str] | None = None) -> int:
     parser = _gradplot_parser()
     args = parser.parse_args(argv)

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..cli_args import seed_argument
-from ..errors import CndsError, OutputError, report
+from ..errors import CndsError, Interrupted, OutputError, command, report
 from ..ir import MAX_SEED
 
 DATA_HELP = ("digits (scikit-learn's bundled 8x8 digits, offline), fashion-mnist[:DIR] (IDX .gz files; "
@@ -112,6 +112,20 @@ def _warn_single_process_launch() -> None:
               file=sys.stderr)
 
 
+def _terminate_as_exit() -> None:
+    """SIGTERM (``kill``, a batch system's time limit, torchrun stopping its workers) unwinds like an error:
+    the run lock is released and a checkpoint being written is left whole (its temp file removed)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        def stop(signum, frame):
+            raise SystemExit(128 + signum)
+
+        signal.signal(signal.SIGTERM, stop)
+
+
+@command("cnds-train")
 def train_main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _train_parser().parse_args(argv)
@@ -123,40 +137,45 @@ def train_main(argv: list[str] | None = None) -> int:
     from ..threads import configure_threads
 
     configure_threads()  # before torch is imported: OpenMP reads its settings once
+    _terminate_as_exit()
+    trainer, out = None, None
     try:
-        from ..frontend import compile_spec
-        from ..memory import budget_from_gib
-        from .trainer import RunOptions, Trainer, effective_config
-
-        net = compile_spec(args.spec)
-        cfg = effective_config(net, {
-            "epochs": args.epochs, "batch": args.batch_size, "lr": args.lr, "momentum": args.momentum,
-            "weight_decay": args.weight_decay, "optimizer": args.optimizer, "seed": args.seed,
-        })
-        out = Path(args.out) if args.out else Path("runs") / net.name
         try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise OutputError(f"cannot create the run folder ({e.strerror or e})", path=str(out)) from None
-        if not args.resume and (out / "last.pt").exists():
-            raise CndsError(f"{out} already holds a run; pass --resume to continue it or choose another --out",
-                            path=str(out))
-        opts = RunOptions(
-            data=args.data, out_dir=out, resume=args.resume, init_from=args.init_from,
-            mixed_precision=args.mixed_precision, grad_accum=args.grad_accum, cpu=args.cpu,
-            workers=args.workers, strict=args.strict, ten_crop=args.ten_crop, limit_train=args.limit_train,
-            limit_val=args.limit_val, progress=not args.no_progress, grad_monitor=args.grad_monitor,
-            max_steps=args.max_steps, memory_budget=budget_from_gib(args.memory_budget),
-        )
-        trainer = Trainer(net, cfg, opts)
-        history = trainer.run()
-        if not trainer.acc.is_main_process:
-            history = []  # only the main process reports
+            from ..frontend import compile_spec
+            from ..memory import budget_from_gib
+            from .trainer import RunOptions, Trainer, effective_config
+
+            net = compile_spec(args.spec)
+            cfg = effective_config(net, {
+                "epochs": args.epochs, "batch": args.batch_size, "lr": args.lr, "momentum": args.momentum,
+                "weight_decay": args.weight_decay, "optimizer": args.optimizer, "seed": args.seed,
+            })
+            out = Path(args.out) if args.out else Path("runs") / net.name
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise OutputError(f"cannot create the run folder ({e.strerror or e})", path=str(out)) from None
+            if not args.resume and (out / "last.pt").exists():
+                raise CndsError(f"{out} already holds a run; pass --resume to continue it or choose another --out",
+                                path=str(out))
+            opts = RunOptions(
+                data=args.data, out_dir=out, resume=args.resume, init_from=args.init_from,
+                mixed_precision=args.mixed_precision, grad_accum=args.grad_accum, cpu=args.cpu,
+                workers=args.workers, strict=args.strict, ten_crop=args.ten_crop, limit_train=args.limit_train,
+                limit_val=args.limit_val, progress=not args.no_progress, grad_monitor=args.grad_monitor,
+                max_steps=args.max_steps, memory_budget=budget_from_gib(args.memory_budget),
+            )
+            trainer = Trainer(net, cfg, opts)
+            history = trainer.run()
+            if not trainer.acc.is_main_process:
+                history = []  # only the main process reports
+        except KeyboardInterrupt:
+            if trainer is not None and not trainer.acc.is_main_process:
+                return Interrupted.exit_code  # the main process says it, once
+            where = trainer.interruption() if trainer is not None else "before training started"
+            raise Interrupted(where, path=str(out) if out is not None else None) from None
     except CndsError as e:
         return report(e, args.traceback)
-    except KeyboardInterrupt:
-        print("interrupted; the last completed epoch's checkpoint is kept (resume with --resume)", file=sys.stderr)
-        return 130
     if history:
         last = history[-1]
         print(f"done: {len(history)} epochs, val top-1 error {last['val_top1_error']['main'] * 100:.2f}% "
@@ -164,6 +183,7 @@ def train_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+@command("cnds-eval")
 def eval_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="cnds-eval", description="Top-1/top-5 error of a checkpoint, "
                                 "for the main head and every supervision branch.")
@@ -187,7 +207,7 @@ def eval_main(argv: list[str] | None = None) -> int:
         from .trainer import evaluate
 
         net = compile_spec(args.spec)
-        ckpt = load_checkpoint(args.checkpoint, net)
+        ckpt = load_checkpoint(args.checkpoint, net, need="model")
         model = build_module(net)
         model.load_state_dict(ckpt["model"])
         data = load_source(args.data, net, strict=args.strict, ten_crop=args.ten_crop, limit_val=args.limit_val)

@@ -15,6 +15,7 @@ idle branch alone exactly as in a single process.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib.util
 import io
@@ -31,12 +32,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import load_checkpoint
 from ..errors import CheckpointError, TrainingError
 from ..io import atomic_write_text
 from ..ir import MAX_SEED, Network, TrainConfig
 from ..serialize import dumps
 from .loss import alphas, deep_supervision_loss
+from .rundir import RunLock, append_metrics, repair_run, write_epoch_checkpoints
 from .schedule import lr_factor
 
 
@@ -179,6 +181,27 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def restore_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ckpt: dict[str, Any],
+                           path: str | Path) -> None:
+    """Put a checked checkpoint's weights, optimiser state and RNG states into a fresh model and optimiser
+    (what ``--resume`` does); whatever still does not fit is a :class:`CheckpointError` naming the file."""
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        for group in optimizer.param_groups:  # torch does not compare buffer shapes until a step fails
+            for p in group["params"]:
+                for name, value in optimizer.state.get(p, {}).items():
+                    if isinstance(value, torch.Tensor) and value.ndim and value.shape != p.shape:
+                        raise ValueError(f"optimizer buffer '{name}' has shape {tuple(value.shape)}, "
+                                         f"its parameter {tuple(p.shape)}")
+        set_rng_state(ckpt["rng"])
+    except Exception as e:  # torch's and numpy's own checks: wrong keys, group sizes, state lengths
+        text = str(e).strip()
+        first = text.splitlines()[0][:160] if text else type(e).__name__
+        raise CheckpointError(f"malformed checkpoint: cannot restore the training state ({first})",
+                              path=str(path)) from None
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -224,12 +247,17 @@ def init_from(model: torch.nn.Module, path: str | Path) -> InitReport:
         for layer, keys in layers.items():
             absent = [k for k in keys if k not in source]
             wrong = [k for k in keys if k in source and tuple(source[k].shape) != tuple(own[k].shape)]
-            if absent or wrong:
+            retyped = [k for k in keys if k in source and k not in wrong and source[k].dtype != own[k].dtype
+                       and not (source[k].is_floating_point() and own[k].is_floating_point())]
+            nonfinite = [k for k in keys if k in source and k not in wrong and source[k].is_floating_point()
+                         and not bool(torch.isfinite(source[k]).all())]
+            if absent or wrong or retyped or nonfinite:
                 mismatch.extend(wrong)
                 left.extend(keys)
                 short = lambda ks: ", ".join(k.rsplit(".", 1)[1] for k in ks)  # noqa: E731
-                why = (f"{short(wrong)} shape differs" if wrong else "") + ("; " if wrong and absent else "") + (
-                    f"{short(absent)} not in the source" if absent else "")
+                reasons = ((wrong, "shape differs"), (retyped, "dtype differs"), (nonfinite, "non-finite"),
+                           (absent, "not in the source"))
+                why = "; ".join(f"{short(ks)} {what}" for ks, what in reasons if ks)
                 left_layers.append((layer, why))
                 continue
             for k in keys:
@@ -349,7 +377,12 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self.best_error: float | None = None
+        self.best_epoch: int | None = None
         self.grad_log: list[dict] = []
+        self.epoch_running: int | None = None
+        """The epoch in progress (0-based), for the line an interrupted run prints."""
+        self.saved_epoch: int | None = None
+        """The epoch ``last.pt`` holds (``None``: no checkpoint yet)."""
 
     # -- setup
     def _check_memory(self) -> None:
@@ -430,21 +463,30 @@ class Trainer:
         return self._idle_params[key]
 
     def _restore(self):
-        path = self.out / "last.pt"
-        ckpt = load_checkpoint(path, self.net)
-        if ckpt.get("optimizer") is None or "epoch" not in ckpt:
-            raise CheckpointError("checkpoint has no training state to resume from", path=str(path))
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.start_epoch = int(ckpt["epoch"])
+        # Every process reads the same files and picks the same checkpoint; only the main one repairs them.
+        resumed = repair_run(self.out, self.net, write=self.acc.is_main_process)
+        ckpt = resumed.checkpoint
+        for note in resumed.notes:
+            self.print(f"note: {note}")
+        restore_training_state(self.model, self.optimizer, ckpt, resumed.path)
+        self.start_epoch = self.saved_epoch = int(ckpt["epoch"])
         self.step = int(ckpt.get("step", 0))
         self.history = list(ckpt.get("metrics", []))
-        self.best_error = ckpt.get("best_val_error")
+        self.best_error = None if resumed.best_lost else ckpt.get("best_val_error")
+        self.best_epoch = None if resumed.best_lost else ckpt.get("best_epoch", _recorded_best(self.history))
         self.grad_log = list(ckpt.get("grad_log", []))
-        set_rng_state(ckpt["rng"])
-        if self.acc.is_main_process:  # the log may have run ahead of the checkpoint when a run was killed
-            atomic_write_text(self.out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in self.history))
-        self.print(f"resumed {path} at epoch {self.start_epoch}/{self.cfg.epochs}")
+        self.print(f"resumed {resumed.path} at epoch {self.start_epoch}/{self.cfg.epochs}")
+
+    def interruption(self) -> str:
+        """The line a Ctrl-C prints: where the run stopped and what is kept."""
+        last = self.out / "last.pt"
+        where = (f"at epoch {self.epoch_running + 1} step {self.step}" if self.epoch_running is not None
+                 else "before the first epoch")
+        if self.saved_epoch is not None:
+            return f"{where}; {last} (epoch {self.saved_epoch}) is intact: resume with --resume"
+        if self.opts.resume:
+            return f"{where}; {last} is kept: resume with --resume"
+        return f"{where}; no epoch was completed, so nothing was saved"
 
     def print(self, *args) -> None:
         if self.acc.is_main_process:
@@ -466,6 +508,7 @@ class Trainer:
             "train_config": json.dumps(asdict(self.cfg)),
             "metrics": self.history,
             "best_val_error": self.best_error,
+            "best_epoch": self.best_epoch,
             "grad_log": self.grad_log,
         }
 
@@ -473,14 +516,21 @@ class Trainer:
         self.acc.wait_for_everyone()
         if not self.acc.is_main_process:
             return
-        state = self._state(epoch)
-        save_checkpoint(self.out / "last.pt", state)
-        if is_best:
-            save_checkpoint(self.out / "best.pt", state)
+
+        def committed():
+            self.saved_epoch = epoch
+
+        write_epoch_checkpoints(self.out, self._state(epoch), is_best, committed)  # the order rundir.py lays out
 
     # -- the loop
     def run(self) -> list[dict]:
+        """Train (or resume) into ``out_dir``, holding its lock throughout (the main process takes it)."""
         self.out.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(self.out, note=self.print) if self.acc.is_main_process else contextlib.nullcontext()
+        with lock:
+            return self._run()
+
+    def _run(self) -> list[dict]:
         if self.acc.is_main_process:
             for stale in self.out.glob(".*.tmp"):  # a write killed half-way; the real file is intact
                 stale.unlink(missing_ok=True)
@@ -498,6 +548,7 @@ class Trainer:
                    + (f" ({torch.get_num_threads()} threads)" if self.acc.device.type == "cpu" else "")
                    + f", mixed precision {self.opts.mixed_precision}")
         for epoch in range(self.start_epoch, self.cfg.epochs):
+            self.epoch_running = epoch
             metrics = self._epoch(epoch)
             if metrics is None:
                 break
@@ -506,7 +557,7 @@ class Trainer:
             err = metrics.val_top1_error["main"]
             is_best = self.best_error is None or err < self.best_error
             if is_best:
-                self.best_error = err
+                self.best_error, self.best_epoch = err, epoch + 1
             self._save(epoch + 1, is_best)
             self._log(metrics)
             if self.acc.is_main_process:
@@ -646,8 +697,7 @@ class Trainer:
         skipped = f" skipped {m.skipped}" if m.skipped else ""
         print(f"epoch {m.epoch}/{self.cfg.epochs}: lr {m.lr:.4g} {alpha} | train loss {losses} | "
               f"val top-1/top-5 error % {heads} | {m.images_per_s:.0f} img/s{skipped}", flush=True)
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(asdict(m)) + "\n")
+        append_metrics(self.out, asdict(m))
         if self.tensorboard:
             self.acc.log({k: v for k, v in flatten_metrics(asdict(m)).items() if isinstance(v, (int, float))},
                          step=m.epoch)
@@ -666,6 +716,12 @@ class Trainer:
             plot_curves(self.history, self.out / "curves.png", title=self.net.name)
         if self.grad_log:
             atomic_write_text(self.out / "gradients.json", json.dumps(self.grad_log))
+
+
+def _recorded_best(history: list[dict]) -> int | None:
+    """The best epoch of a history (checkpoints from before ``best_epoch`` was stored)."""
+    best = min(history, key=lambda m: m["val_top1_error"]["main"], default=None)
+    return best["epoch"] if best else None
 
 
 def flatten_metrics(m: dict) -> dict:

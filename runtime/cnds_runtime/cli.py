@@ -213,12 +213,21 @@ class PredictCLI(_CLI):
         return 0
 
 
+def _interruptible(cli: type[_CLI], argv: list[str] | None) -> int:
+    """Ctrl-C while the arguments are read or the model loads, as during a run: one line, exit 130."""
+    try:
+        return cli(argv).run()
+    except KeyboardInterrupt:
+        print(f"{cli.prog}: interrupted", file=sys.stderr)
+        return 130
+
+
 def extract_main(argv: list[str] | None = None) -> int:
-    return ExtractCLI(argv).run()
+    return _interruptible(ExtractCLI, argv)
 
 
 def predict_main(argv: list[str] | None = None) -> int:
-    return PredictCLI(argv).run()
+    return _interruptible(PredictCLI, argv)
 
 
 __all__ = ["ExtractCLI", "ModelError", "PredictCLI", "extract_main", "predict_main"]
