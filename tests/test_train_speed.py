@@ -198,7 +198,7 @@ def test_channels_last_gives_the_plain_result(plain, tmp_path):
     nhwc, history2, trainer = _run(tmp_path, "nhwc", channels_last=True)
     conv = trainer.acc.unwrap_model(trainer.model).get_submodule("c1").weight
     assert conv.is_contiguous(memory_format=torch.channels_last)
-    # Stated tolerance: other convolution kernels, other rounding; measured < 1e-5 of the movement
+    # Stated tolerance: other convolution kernels, other rounding; measured 4e-6 of the movement, bound 1e-3
     assert _drift(weights, nhwc, _initial()) < 1e-3
     assert history2[0]["train_loss"]["main"] == pytest.approx(history[0]["train_loss"]["main"], rel=1e-4)
 
@@ -209,7 +209,8 @@ def test_bf16_gives_the_plain_result_within_bf16_rounding(plain, tmp_path):
     assert trainer.acc.mixed_precision == "bf16"
     assert all(v.dtype == torch.float32 for v in trainer.acc.unwrap_model(trainer.model).state_dict().values())
     # Stated tolerance: bf16 keeps 8 bits of mantissa (relative rounding 2^-9 per operation); after 6 SGD
-    # steps the weights differ by at most 10% of how far training moved them, the losses by 2%.
+    # steps the weights differ by 2.6% of how far training moved them (measured; bound 10%), the losses
+    # by less than 0.01% (bound 2%).
     drift = _drift(weights, bf16, _initial())
     assert 0 < drift < 0.10  # > 0: autocast really ran in bf16
     assert history2[0]["train_loss"]["main"] == pytest.approx(history[0]["train_loss"]["main"], rel=0.02)
@@ -228,15 +229,33 @@ def test_image_folder_workers_with_prefetch_give_the_in_process_result(tmp_path)
     assert all(torch.equal(main[k], workers[k]) for k in main)  # the same samples, crops and flips: exact
 
 
+# The smallest net with a branch: Inductor's first compilation (C++ kernels) costs ~25 s on 2 busy cores
+MICRO = """
+network micro
+input 1x8x8
+classes 10
+init kaiming(bias=0.01)
+c1: conv2d(4, 3, pad=1) relu
+g: gap
+fc: linear(classes)
+supervise c1 weight 0.3 { g: gap; l: linear(classes) }
+data { mean 0.5  std 0.5 }
+train { epochs 1  batch 32  lr 0.05  momentum 0.9  weight_decay 5e-4 }
+"""
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
-def test_compile_gives_the_plain_result(plain, tmp_path, capsys):
-    weights, history, _ = plain
-    compiled, history2, trainer = _run(tmp_path, "compiled", compile=True)
+def test_compile_gives_the_plain_result(tmp_path, capsys):
+    net = compile_text(MICRO, "micro.cnds")
+    weights, history, _ = _run(tmp_path, "plain", net=net, steps=4)
+    compiled, history2, trainer = _run(tmp_path, "compiled", net=net, steps=4, compile=True)
     assert trainer.compile_seconds is not None and trainer.compile_seconds > 0
     assert "torch.compile: the first step" in capsys.readouterr().out
-    # Stated tolerance: Inductor fuses and reorders float operations; measured ~1e-6 of the movement
-    assert _drift(weights, compiled, _initial()) < 1e-3
+    assert set(history2[0]["train_loss"]) == {"main", "c1"}  # the branch ran through the compiled module
+    # Stated tolerance: Inductor fuses and reorders float operations; measured 1e-6 of the movement, bound 1e-3
+    init = {k: v.float() for k, v in build_module(net, seed=0).state_dict().items()}
+    assert _drift(weights, compiled, init) < 1e-3
     assert history2[0]["train_loss"]["main"] == pytest.approx(history[0]["train_loss"]["main"], rel=1e-4)
 
 
