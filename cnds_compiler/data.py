@@ -64,9 +64,9 @@ from .ir import Network
 
 __all__ = [
     "DataSplits", "load_source", "make_loader", "epoch_order", "epoch_sampler", "EpochSampler",
-    "EpochLoader", "Skipped", "Unreadable", "TensorBatch", "collate_batch", "TensorImageDataset", "ImageFolderDataset",
-    "SOURCES", "FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES", "IMAGE_EXTENSIONS", "mix_seed", "mix_seed_array",
-    "digits_split", "read_idx",
+    "EpochLoader", "Skipped", "Unreadable", "TensorBatch", "collate_batch", "TensorImageDataset",
+    "ImageFolderDataset", "SOURCES", "FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES", "IMAGE_EXTENSIONS",
+    "mix_seed", "mix_seed_array", "digits_split", "read_idx",
 ]
 
 SOURCES = ("digits", "fashion-mnist", "fashion-mnist:DIR", "imagefolder:DIR")
@@ -375,7 +375,8 @@ class TensorImageDataset(_CndsDataset):
             x = self._prepare(self._raw.index_select(0, idx))
         _, h, w = self.out_shape
         if self.ten_crop:
-            x = torch.stack([_ten_crop_tensor(s, h, w) for s in x]) if len(x) else x.new_empty((0, *self.sample_shape))
+            crops = [_ten_crop_tensor(s, h, w) for s in x]
+            x = torch.stack(crops) if crops else x.new_empty((0, *self.sample_shape))
         elif self.augments:
             top, left, flip = self._crop_boxes(idx)
             if tuple(x.shape[-2:]) == (h, w):  # nothing to crop: mirror only

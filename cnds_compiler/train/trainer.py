@@ -358,8 +358,8 @@ def check_speed_options(opts: RunOptions) -> None:
     on_cpu = opts.cpu or not torch.cuda.is_available()
     if opts.mixed_precision == "fp16" and on_cpu:
         # Accelerate would run fp16 on CPU as plain fp32 without saying so
-        raise TrainingError("--precision fp16 needs a CUDA GPU (it has no autocast on CPU here); use --precision bf16 "
-                            "on CPU")
+        raise TrainingError("--precision fp16 needs a CUDA GPU (it has no autocast on CPU here); "
+                            "use --precision bf16 on CPU")
     if opts.mixed_precision not in ("no", "bf16", "fp16"):
         raise TrainingError(f"unknown precision '{opts.mixed_precision}'; choose fp32, bf16 or fp16")
     if opts.prefetch is not None and opts.workers < 1:
@@ -675,7 +675,8 @@ class Trainer:
                 step()
             if first_compiled_call:
                 self.compile_seconds = time.perf_counter() - compile_start
-                self.print(f"torch.compile: the first step (compilation included) took {self.compile_seconds:.1f} s")
+                self.print("torch.compile: the first step (compilation included) took "
+                           f"{self.compile_seconds:.1f} s")
             if acc.sync_gradients:
                 self.step += 1
             if len(parts) == len(heads):
@@ -755,7 +756,8 @@ class Trainer:
         kept = self.out / "last.pt"
         where = f"the last good checkpoint {kept} is kept" if kept.exists() else "no checkpoint was written yet"
         raise TrainingError(
-            f"non-finite loss at epoch {epoch + 1}, by step {self.step} (last losses: {bad}); training stopped and {where}; "
+            f"non-finite loss at epoch {epoch + 1}, by step {self.step} (last losses: {bad}); "
+            f"training stopped and {where}; "
             "lower the learning rate (--lr) or check the data",
             path=str(self.out),
         )
