@@ -1,20 +1,31 @@
-"""Cost of deep supervision and data-loader headroom, measured side by side in one run.
+"""Training throughput, measured side by side in one run (interleaved rounds, medians, ratios).
 
-1. Training-step time (forward + backward + SGD step) of CNDS-8 with its branch on against CNN-8 (the
-   same trunk, no branch), interleaved A/B: the price of deep supervision (goal: ratio ≤ 1.10).
-2. imagefolder loader throughput (JPEG decode + the paper's augmentation, worker processes) against
-   the training throughput of the 227×227 CNDS-8 on the same machine: the loader must keep up.
+1. The trainer's epoch loop (``Trainer._epoch``: loader, Accelerate, deep-supervision loss, optimiser,
+   metrics) against a minimal hand-written loop over the same net, optimiser, loss, batch and data
+   (a tensor indexed with a permutation), per step; goal ≤ 1.03×. Digits, Fashion-MNIST and the 227²
+   ImageNet CNDS-8 (random in-memory images: the loop's cost, not JPEG decoding).
+2. A CNDS-8 training step with its branch against CNN-8 (the same trunk, no branch); goal ≤ 1.05×.
+   Also with torch's per-tensor optimiser loop, to show what the fused update saves.
+3. Each speed option (channels-last, bf16 autocast, both, torch.compile) against the plain fp32 step,
+   with the compile time.
+4. images/s of the imagefolder loader (JPEG decode + crop + mirror in worker processes) against the
+   227² CNDS-8's training rate.
 
-    python -m benchmarks.train_bench [--quick] [--json out.json]
+    python -m benchmarks.train_bench [--quick] [--no-compile] [--threads N] [--json out.json]
+
+The step functions take a device, so ``benchmarks/train_gpu.py`` reuses them on a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -25,98 +36,302 @@ from cnds_compiler.train.loss import alphas, deep_supervision_loss
 from cnds_compiler.train.trainer import make_optimizer
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
+CPU = torch.device("cpu")
 
 
-def _stepper(spec: str, batch: int):
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], object], device: torch.device = CPU) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _timed_both(fn: Callable[[], object]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process): on a loaded machine the CPU time moves far less with
+    the other processes' load than the wall time does."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int, device: torch.device = CPU,
+                warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each function over ``rounds`` rounds; every round runs each function once, in
+    turn, so all of them see the same machine state."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            times[k].append(_timed(fn, device))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+# ---- training steps --------------------------------------------------------------------------------
+
+
+def stepper(spec: str, batch: int, device: torch.device = CPU, *, channels_last: bool = False,
+            precision: str = "fp32", compile: bool = False, update: dict | None = None,
+            classes: int | None = None) -> Callable[[], None]:
+    """One training step (forward with every branch, eq. 1 loss, backward, optimiser step) on fixed
+    random data, as the trainer runs it with the same options."""
     net = compile_spec(SPECS / spec)
-    model = build_module(net, seed=0).train()
-    opt = make_optimizer(model, net.train)
+    if classes is not None:
+        net = replace(net, num_classes=classes, class_names=())
+    model = build_module(net, seed=0).train().to(device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    opt = make_optimizer(model, net.train, update)
     c, h, w = net.input.dims
-    x = torch.randn(batch, c, h, w)
-    y = torch.randint(0, net.num_classes, (batch,))
+    x = torch.randn(batch, c, h, w, device=device).to(memory_format=memory_format)
+    y = torch.randint(0, net.num_classes, (batch,), device=device)
     weights = alphas(net, 0, net.train.epochs)
     branches = tuple(weights)
+    forward = torch.compile(model) if compile else model
+    autocast = (torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
+                if precision != "fp32" else contextlib.nullcontext())
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
     def step() -> None:
-        out = model(x, branches=branches)
+        with autocast:
+            out = forward(x, branches=branches)
         loss, _ = deep_supervision_loss(net, out.logits, out.aux, y, weights)
-        loss.backward()
-        opt.step()
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
         opt.zero_grad(set_to_none=True)
 
     return step
 
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+def branch_cost(pairs, rounds: int, device: torch.device = CPU) -> list[dict]:
+    """CNDS-8 (branch on) vs CNN-8 step for each (cnds spec, cnn spec, batch), with the fused update and
+    with torch's per-tensor loop."""
+    results = []
+    for a, b, batch in pairs:
+        fns = {"cnds": stepper(a, batch, device), "cnn": stepper(b, batch, device)}
+        if device.type == "cpu":
+            fns["cnds_loop"] = stepper(a, batch, device, update={"foreach": False})
+            fns["cnn_loop"] = stepper(b, batch, device, update={"foreach": False})
+        t = interleaved(fns, rounds, device)
+        res = {"cnds": a, "cnn": b, "batch": batch, "rounds": rounds, "cnds_ms": t["cnds"] * 1e3,
+               "cnn_ms": t["cnn"] * 1e3, "ratio": t["cnds"] / t["cnn"]}
+        if "cnds_loop" in t:
+            res["ratio_per_tensor_loop"] = t["cnds_loop"] / t["cnn_loop"]
+            res["fused_over_loop_cnds"] = t["cnds"] / t["cnds_loop"]
+        results.append(res)
+    return results
 
 
-def time_pair(spec_a: str, spec_b: str, batch: int, reps: int) -> dict:
-    a, b = _stepper(spec_a, batch), _stepper(spec_b, batch)
-    for _ in range(3):
-        a(), b()
-    ta, tb = [], []
-    for _ in range(reps):  # interleaved so both see the same machine state
-        ta.append(_timed(a))
-        tb.append(_timed(b))
-    ma, mb = statistics.median(ta), statistics.median(tb)
-    return {"a": spec_a, "b": spec_b, "batch": batch, "reps": reps, "a_ms": ma * 1e3, "b_ms": mb * 1e3,
-            "ratio": ma / mb}
+OPTIONS = {
+    "channels_last": dict(channels_last=True),
+    "bf16": dict(precision="bf16"),
+    "bf16+channels_last": dict(precision="bf16", channels_last=True),
+    "compile": dict(compile=True),
+    "bf16+channels_last+compile": dict(precision="bf16", channels_last=True, compile=True),
+}
 
 
-def loader_vs_training(batch: int, workers: int, images: int, train_reps: int) -> dict:
+def speed_options(spec: str, batch: int, rounds: int, device: torch.device = CPU, compile: bool = True,
+                  options: tuple[str, ...] = tuple(OPTIONS), classes: int | None = None) -> dict:
+    """Step time of every option against the plain fp32 step; the first compiled call's time."""
+    fns = {"plain": stepper(spec, batch, device, classes=classes)}
+    compile_seconds = {}
+    for name in options:
+        kw = OPTIONS[name]
+        if kw.get("compile") and not compile:
+            continue
+        fns[name] = stepper(spec, batch, device, classes=classes, **kw)
+        if kw.get("compile"):
+            compile_seconds[name] = _timed(fns[name], device)  # the first call compiles
+    t = interleaved(fns, rounds, device)
+    return {"spec": spec, "batch": batch, "rounds": rounds, "device": str(device),
+            "ms": {k: v * 1e3 for k, v in t.items()},
+            "images_per_s": {k: batch / v for k, v in t.items()},
+            "ratio_to_plain": {k: v / t["plain"] for k, v in t.items() if k != "plain"},
+            "compile_seconds": compile_seconds}
+
+
+# ---- the trainer's loop against a hand-written one ------------------------------------------------
+
+
+def _splits(spec: str, steps: int, batch: int):
+    """(network, DataSplits) with ``steps`` batches of training data: the real digits / Fashion-MNIST,
+    random uint8 images for the 227² nets."""
+    from cnds_compiler.data import DataSplits, TensorImageDataset, _fit, load_source
+
+    net = compile_spec(SPECS / spec)
+    n = steps * batch
+    if spec.startswith("digits"):
+        return net, load_source("digits", net, limit_train=n, limit_val=batch)
+    if spec.startswith("fmnist"):
+        return net, load_source("fashion-mnist", net, limit_train=n, limit_val=batch)
+    c, _, _ = net.input.dims
+    rh, rw = _fit(net)["resize"]
+    k = net.num_classes
+    g = torch.Generator().manual_seed(0)
+    sets = [TensorImageDataset(torch.randint(0, 256, (m, c, rh, rw), dtype=torch.uint8, generator=g),
+                               torch.randint(0, k, (m,), generator=g), range(m), train=train, ten_crop=False,
+                               strict=False, location="random", **_fit(net))
+            for m, train in ((n, True), (batch, False))]
+    return net, DataSplits(sets[0], sets[1], tuple(str(i) for i in range(k)), f"random {rh}x{rw}", "random")
+
+
+def trainer_vs_hand(spec: str, batch: int, steps: int, rounds: int) -> dict:
+    """Median per-step wall and CPU time of ``Trainer._epoch`` (validation set empty, so the epoch is its
+    training loop and the loss reduction) and of a hand loop."""
+    from cnds_compiler.train.trainer import RunOptions, Trainer
+
+    net, splits = _splits(spec, steps, batch)
+    cfg = replace(net.train, batch=batch)
+
+    class BenchTrainer(Trainer):
+        def _load_data(self):
+            self.data = splits
+
+        def _val_loader(self):
+            return []  # no validation: time the training loop alone
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = BenchTrainer(net, cfg, RunOptions(out_dir=Path(tmp), cpu=True, progress=False))
+        trainer._load_data()
+        trainer._build()
+
+        # The hand loop: the same net, optimiser, loss and batch; the prepared images indexed with a
+        # permutation, the spec's random crop (one offset per batch) and mirror done on the batch.
+        model = build_module(net, seed=cfg.seed).train()
+        opt = make_optimizer(model, cfg)
+        ds = splits.train
+        images, labels = ds._data, ds.labels
+        _, h, w = ds.out_shape
+        weights = alphas(net, 0, cfg.epochs)
+        branches = tuple(k for k, a in weights.items() if a > 0)
+        g = torch.Generator().manual_seed(0)
+
+        def hand_epoch() -> None:
+            perm = torch.randperm(len(labels), generator=g)
+            for i in range(steps):
+                idx = perm[i * batch:(i + 1) * batch]
+                x, y = images.index_select(0, idx), labels.index_select(0, idx)
+                if ds.augments:
+                    top = int(torch.randint(0, x.shape[-2] - h + 1, (), generator=g))
+                    left = int(torch.randint(0, x.shape[-1] - w + 1, (), generator=g))
+                    x = x[..., top:top + h, left:left + w]
+                    if ds.mirror:
+                        flip = torch.rand(len(y), generator=g) < 0.5
+                        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+                out = model(x, branches=branches)
+                loss, _ = deep_supervision_loss(net, out.logits, out.aux, y, weights)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+        def trainer_epoch() -> None:
+            trainer._epoch(0)  # epoch 0 every time: the same α and learning rate
+
+        trainer_epoch(), hand_epoch()  # warm-up
+        tt, th = [], []
+        for _ in range(rounds):
+            tt.append(_timed_both(trainer_epoch))
+            th.append(_timed_both(hand_epoch))
+        trainer.acc.end_training()
+    wall_t, wall_h = (statistics.median(t[0] for t in ts) / steps for ts in (tt, th))
+    cpu_t, cpu_h = (statistics.median(t[1] for t in ts) / steps for ts in (tt, th))
+    return {"spec": spec, "batch": batch, "steps": steps, "rounds": rounds, "trainer_ms": wall_t * 1e3,
+            "hand_ms": wall_h * 1e3, "ratio": wall_t / wall_h, "trainer_cpu_ms": cpu_t * 1e3,
+            "hand_cpu_ms": cpu_h * 1e3, "cpu_ratio": cpu_t / cpu_h}
+
+
+# ---- loader against training -------------------------------------------------------------------
+
+
+def loader_rate(batch: int, workers: int, images: int, prefetch: int | None = None, pin_memory: bool = False,
+                device: torch.device = CPU) -> float:
+    """images/s of the imagefolder loader over 256² JPEGs with the 227² CNDS-8's augmentation."""
     from cnds_compiler.data import load_source, make_loader
     from cnds_compiler.train.synthetic import make_imagefolder
 
     net = compile_spec(SPECS / "imagenet_cnds8.cnds")
     with tempfile.TemporaryDirectory() as tmp:
-        per_class = max(1, images // 4)
-        make_imagefolder(tmp, classes=4, per_class=per_class, size=(256, 256), val_per_class=1)
-        # The spec says 1000 classes; the generated tree has 4, so load it for a 4-class copy of the spec.
-        from dataclasses import replace
-
-        small = replace(net, num_classes=4, class_names=())
+        make_imagefolder(tmp, classes=4, per_class=max(1, images // 4), size=(256, 256), val_per_class=1)
+        small = replace(net, num_classes=4, class_names=())  # the generated tree has 4 classes
         data = load_source(f"imagefolder:{tmp}", small, seed=0)
-        loader = make_loader(data.train, batch, shuffle=True, workers=workers, seed=0, drop_last=True)
+        loader = make_loader(data.train, batch, shuffle=True, workers=workers, seed=0, drop_last=True,
+                             prefetch=prefetch, pin_memory=pin_memory)
         n, start = 0, time.perf_counter()
         for epoch in range(2):
             loader.set_epoch(epoch)
             for x, _, _ in loader:
+                x = x.to(device, non_blocking=pin_memory)
                 n += x.shape[0]
-        load_ips = n / (time.perf_counter() - start)
-    step = _stepper("imagenet_cnds8.cnds", batch)
-    step()
-    times = [_timed(step) for _ in range(train_reps)]
-    train_ips = batch / statistics.median(times)
-    return {"batch": batch, "workers": workers, "loader_img_per_s": load_ips, "train_img_per_s": train_ips,
-            "loader_over_train": load_ips / train_ips}
+        _sync(device)
+        return n / (time.perf_counter() - start)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="fewer repetitions (smoke run)")
+    p.add_argument("--quick", action="store_true", help="fewer rounds (smoke run)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile options")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    reps = 5 if args.quick else 30
-    results = {"threads": args.threads, "pairs": []}
-    print(f"torch {torch.__version__}, {args.threads} threads")
-    print("training step, CNDS-8 (branch on) vs CNN-8 (same trunk, no branch):")
-    for a, b, batch, r in (("fmnist_cnds8.cnds", "fmnist_cnn8.cnds", 128, reps),
-                           ("digits_cnds8.cnds", "digits_cnn8.cnds", 64, reps),
-                           ("imagenet_cnds8.cnds", "imagenet_cnn8.cnds", 4, max(3, reps // 6))):
-        res = time_pair(a, b, batch, r)
-        results["pairs"].append(res)
-        print(f"  {a:<22} {res['a_ms']:9.1f} ms  vs {b:<22} {res['b_ms']:9.1f} ms  "
-              f"(batch {batch}, {r} reps)  ratio {res['ratio']:.3f}  (goal <= 1.10)")
-    lv = loader_vs_training(batch=8, workers=2, images=64 if args.quick else 256, train_reps=3 if args.quick else 6)
-    results["loader"] = lv
-    print(f"imagefolder loader (256x256 JPEG -> random 227 crop + mirror, {lv['workers']} workers): "
-          f"{lv['loader_img_per_s']:.0f} img/s; CNDS-8 227x227 training: {lv['train_img_per_s']:.1f} img/s; "
-          f"loader/training = {lv['loader_over_train']:.1f}x (>= 1 means the loader keeps up)")
+    rounds = 3 if args.quick else 9
+    results: dict = {"threads": args.threads, "torch": torch.__version__}
+    print(f"torch {torch.__version__}, {args.threads} threads, {rounds} interleaved rounds, medians")
+
+    print("1. trainer epoch loop vs a minimal hand-written loop (same net, optimiser, loss, batch), per step:")
+    results["trainer_vs_hand"] = []
+    for spec, batch, steps in (("digits_cnds8.cnds", 64, 22), ("fmnist_cnds8.cnds", 128, 8 if args.quick else 16),
+                               ("imagenet_cnds8.cnds", 4, 2 if args.quick else 3)):
+        r = trainer_vs_hand(spec, batch, steps, rounds if "imagenet" not in spec else max(3, rounds // 2))
+        results["trainer_vs_hand"].append(r)
+        print(f"  {spec:<22} trainer {r['trainer_ms']:8.2f} ms  hand {r['hand_ms']:8.2f} ms  (batch {batch}, "
+              f"{steps} steps x {r['rounds']} rounds)  ratio {r['ratio']:.3f}  (goal <= 1.03); CPU time "
+              f"{r['trainer_cpu_ms']:.2f} vs {r['hand_cpu_ms']:.2f} ms, ratio {r['cpu_ratio']:.3f}")
+
+    print("2. training step, CNDS-8 (branch on) vs CNN-8 (same trunk, no branch):")
+    pairs = (("fmnist_cnds8.cnds", "fmnist_cnn8.cnds", 128), ("digits_cnds8.cnds", "digits_cnn8.cnds", 64))
+    results["branch"] = branch_cost(pairs, rounds * 2)
+    results["branch"] += branch_cost((("imagenet_cnds8.cnds", "imagenet_cnn8.cnds", 4),), max(3, rounds // 2))
+    for r in results["branch"]:
+        loop = (f"; per-tensor optimiser loop {r['ratio_per_tensor_loop']:.3f}, fused/loop step "
+                f"{r['fused_over_loop_cnds']:.3f}") if "ratio_per_tensor_loop" in r else ""
+        print(f"  {r['cnds']:<22} {r['cnds_ms']:8.1f} ms  vs {r['cnn']:<20} {r['cnn_ms']:8.1f} ms  (batch "
+              f"{r['batch']}, {r['rounds']} rounds)  ratio {r['ratio']:.3f} (goal <= 1.05){loop}")
+
+    print("3. speed options vs the plain fp32 step:")
+    results["options"] = []
+    for spec, batch, r_ in (("fmnist_cnds8.cnds", 128, rounds), ("imagenet_cnds8.cnds", 4, max(3, rounds // 3))):
+        opts = tuple(OPTIONS) if "fmnist" in spec else ("channels_last", "bf16", "bf16+channels_last")
+        res = speed_options(spec, batch, r_, compile=not args.no_compile, options=opts)
+        results["options"].append(res)
+        line = ", ".join(f"{k} {v:.3f}x" for k, v in res["ratio_to_plain"].items())
+        comp = ", ".join(f"{k} {v:.1f} s" for k, v in res["compile_seconds"].items())
+        print(f"  {spec} batch {batch}: plain {res['ms']['plain']:.1f} ms; step time / plain: {line}"
+              + (f"; first compiled step (compilation): {comp}" if comp else ""))
+
+    print("4. imagefolder loader vs CNDS-8 227x227 training:")
+    images = 64 if args.quick else 192
+    rates = {f"workers {w}" + (f", prefetch {pf}" if pf else ""): loader_rate(8, w, images, pf)
+             for w, pf in ((0, None), (2, None), (2, 4))}
+    train = next(r for r in results["options"] if "imagenet" in r["spec"])["images_per_s"]
+    best = max(train.values())
+    results["loader"] = {"loader_img_per_s": rates, "train_img_per_s": train}
+    for k, v in rates.items():
+        print(f"  loader ({k}): {v:.0f} img/s = {v / best:.1f}x the fastest training rate measured above "
+              f"({best:.1f} img/s; plain fp32 {train['plain']:.1f} img/s)")
     print(json.dumps(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

@@ -64,9 +64,9 @@ from .ir import Network
 
 __all__ = [
     "DataSplits", "load_source", "make_loader", "epoch_order", "epoch_sampler", "EpochSampler",
-    "EpochLoader", "Skipped", "Unreadable", "collate_batch", "TensorImageDataset", "ImageFolderDataset",
-    "SOURCES", "FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES", "IMAGE_EXTENSIONS", "mix_seed",
-    "digits_split", "read_idx",
+    "EpochLoader", "Skipped", "Unreadable", "TensorBatch", "collate_batch", "TensorImageDataset",
+    "ImageFolderDataset", "SOURCES", "FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES", "IMAGE_EXTENSIONS",
+    "mix_seed", "mix_seed_array", "digits_split", "read_idx",
 ]
 
 SOURCES = ("digits", "fashion-mnist", "fashion-mnist:DIR", "imagefolder:DIR")
@@ -100,6 +100,24 @@ def _splitmix64(x: int) -> int:
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
     return x ^ (x >> 31)
+
+
+def _splitmix64_array(x: np.ndarray) -> np.ndarray:
+    """:func:`_splitmix64` of every element of a uint64 array (numpy's uint64 arithmetic wraps modulo 2⁶⁴)."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def mix_seed_array(prefix: int, values: np.ndarray, *suffix: int) -> np.ndarray:
+    """``mix_seed(*prefix_parts, v, *suffix)`` for every ``v`` of a uint64 array, where ``prefix`` is
+    ``mix_seed(*prefix_parts)``: per-sample seeds of a whole batch without a Python loop."""
+    with np.errstate(over="ignore"):
+        h = _splitmix64_array(np.uint64(prefix) ^ values.astype(np.uint64))
+        for p in suffix:
+            h = _splitmix64_array(h ^ np.uint64(int(p) & _M64))
+    return h
 
 
 def mix_seed(*parts: int) -> int:
@@ -156,8 +174,18 @@ class Skipped(int):
         return (Skipped, (self.items,))
 
 
-def collate_batch(samples: Sequence[Any], sample_shape: tuple[int, ...] | None = None):
-    """``[(image, label) | Unreadable, ...]`` → ``(images, labels, Skipped)``."""
+@dataclass(frozen=True)
+class TensorBatch:
+    """A batch an in-memory dataset built in one piece (``__getitems__``): nothing left to collate."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+
+def collate_batch(samples: Sequence[Any] | TensorBatch, sample_shape: tuple[int, ...] | None = None):
+    """``[(image, label) | Unreadable, ...]`` (or a :class:`TensorBatch`) → ``(images, labels, Skipped)``."""
+    if isinstance(samples, TensorBatch):
+        return samples.images, samples.labels, Skipped()
     good = [s for s in samples if not isinstance(s, Unreadable)]
     bad = [(s.path, s.reason) for s in samples if isinstance(s, Unreadable)]
     if good:
@@ -232,6 +260,23 @@ class _CndsDataset(Dataset):
             return int(torch.randint(0, 1 << 62, ()).item())
         seed, epoch = self._augment
         return mix_seed(seed, epoch, index, 0xA06)
+
+    def _crop_boxes(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(top, left, flip) of many training samples at once: the same values as :meth:`_crop_box`."""
+        if self._augment is None:
+            boxes = [self._crop_box(int(i)) for i in indices]
+            top, left, flip = zip(*boxes, strict=True) if boxes else ((), (), ())
+            return torch.tensor(top, dtype=torch.int64), torch.tensor(left, dtype=torch.int64), torch.tensor(
+                flip, dtype=torch.bool)
+        seed, epoch = self._augment
+        bits = mix_seed_array(mix_seed(seed, epoch), indices.numpy().astype(np.uint64), 0xA06)
+        rh, rw = self.resize
+        _, h, w = self.out_shape
+        top = ((bits >> np.uint64(1)) & np.uint64(0x7FFFFFFF)) % np.uint64(rh - h + 1)
+        left = (bits >> np.uint64(32)) % np.uint64(rw - w + 1)
+        flip = (bits & np.uint64(1)).astype(bool) & self.mirror
+        return (torch.from_numpy(top.astype(np.int64)), torch.from_numpy(left.astype(np.int64)),
+                torch.from_numpy(flip))
 
     def _crop_box(self, index: int) -> tuple[int, int, bool]:
         """(top, left, flip) of a training sample."""
@@ -318,6 +363,36 @@ class TensorImageDataset(_CndsDataset):
             t, left = _centre(x.shape[-2], h), _centre(x.shape[-1], w)
             x = x[:, t : t + h, left : left + w]
         return x.contiguous(), int(self.labels[i])
+
+    def __getitems__(self, indices: Sequence[int]) -> TensorBatch:
+        """The samples ``indices`` as one batch: one gather from the prepared tensor and the crops and
+        flips as index arithmetic — the values ``[self[i] for i in indices]`` stacked would have, without
+        a per-sample call and collate (the DataLoader calls this for a whole batch)."""
+        idx = torch.as_tensor(list(indices), dtype=torch.int64)
+        if self._data is not None:
+            x = self._data.index_select(0, idx)
+        else:
+            x = self._prepare(self._raw.index_select(0, idx))
+        _, h, w = self.out_shape
+        if self.ten_crop:
+            crops = [_ten_crop_tensor(s, h, w) for s in x]
+            x = torch.stack(crops) if crops else x.new_empty((0, *self.sample_shape))
+        elif self.augments:
+            top, left, flip = self._crop_boxes(idx)
+            if tuple(x.shape[-2:]) == (h, w):  # nothing to crop: mirror only
+                x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+            else:
+                # each sample's crop (and flip) as positions in its flattened image, read with one gather
+                cols = torch.arange(w)
+                cols = left.view(-1, 1) + torch.where(flip.view(-1, 1), w - 1 - cols, cols)  # (B, w)
+                rows = top.view(-1, 1) + torch.arange(h)  # (B, h)
+                where = (rows.view(-1, h, 1) * x.shape[-1] + cols.view(-1, 1, w)).view(-1, 1, h * w)
+                b, ch = x.shape[:2]
+                x = x.reshape(b, ch, -1).gather(2, where.expand(b, ch, h * w)).view(b, ch, h, w)
+        elif tuple(x.shape[-2:]) != (h, w):
+            t, left = _centre(x.shape[-2], h), _centre(x.shape[-1], w)
+            x = x[:, :, t : t + h, left : left + w]
+        return TensorBatch(x.contiguous(), self.labels.index_select(0, idx))
 
 
 class ImageFolderDataset(_CndsDataset):
@@ -578,13 +653,15 @@ def make_loader(
     pad: bool = True,
     strict: bool | None = None,
     pin_memory: bool = False,
+    prefetch: int | None = None,
 ) -> EpochLoader:
     """A loader of ``(images, labels, skipped)`` batches over ``dataset``.
 
     Without ``sampler`` it uses an :class:`EpochSampler` (shuffled when ``shuffle``) seeded with
     ``seed`` and split over ``num_replicas``/``rank``. ``strict`` (default: the dataset's own, as
     :func:`load_source` set it) turns the first unreadable sample into a :class:`DataError` raised in
-    the main process. ``workers`` > 0 loads in that many worker processes.
+    the main process. ``workers`` > 0 loads in that many worker processes, each ``prefetch`` batches ahead
+    (torch's default 2 when None). ``pin_memory`` returns page-locked batches (asynchronous copies to a GPU).
     """
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
@@ -609,6 +686,7 @@ def make_loader(
         drop_last=drop_last,
         generator=g,
         pin_memory=pin_memory,
+        prefetch_factor=prefetch if workers > 0 else None,
     )
 
 

@@ -29,6 +29,14 @@ def _count(minimum: int):
     return parse
 
 
+def _precision(text: str) -> str:
+    """argparse type: fp32 (also 'no', Accelerate's name), bf16 or fp16 → Accelerate's mixed_precision."""
+    value = {"fp32": "no", "no": "no", "bf16": "bf16", "fp16": "fp16"}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"choose fp32, bf16 or fp16, not {text!r}")
+    return value
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="digits", help=f"data source: {DATA_HELP} (default: digits)")
     p.add_argument("--workers", type=_count(0), default=0, help="data-loader worker processes (default 0)")
@@ -61,7 +69,16 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, help="override the spec's weight decay")
     p.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), help="override the spec's optimizer")
     p.add_argument("--seed", type=seed_argument, help=f"override the spec's seed (0..{MAX_SEED})")
-    p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
+    p.add_argument("--precision", "--mixed-precision", dest="mixed_precision", type=_precision, default="no",
+                   metavar="fp32|bf16|fp16", help="arithmetic of the forward and backward passes through "
+                   "Accelerate's autocast (weights and optimiser stay fp32); bf16 runs on CPU and GPU, fp16 "
+                   "(with loss scaling) on CUDA GPUs only (default fp32)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="model and images in channels-last (NHWC) memory layout")
+    p.add_argument("--compile", action="store_true", help="train through torch.compile of the training module "
+                   "(the first step compiles: seconds to minutes; the time is printed)")
+    p.add_argument("--prefetch", type=_count(1), metavar="N",
+                   help="batches each loader worker prepares ahead (needs --workers; default 2)")
     p.add_argument("--grad-accum", type=_count(1), default=1, help="gradient accumulation steps")
     p.add_argument("--limit-train", type=_count(1), help="use only the first N training examples")
     p.add_argument("--max-steps", type=_count(1), help="stop after N optimizer steps (smoke tests)")
@@ -164,6 +181,7 @@ def train_main(argv: list[str] | None = None) -> int:
                 workers=args.workers, strict=args.strict, ten_crop=args.ten_crop, limit_train=args.limit_train,
                 limit_val=args.limit_val, progress=not args.no_progress, grad_monitor=args.grad_monitor,
                 max_steps=args.max_steps, memory_budget=budget_from_gib(args.memory_budget),
+                channels_last=args.channels_last, compile=args.compile, prefetch=args.prefetch,
             )
             trainer = Trainer(net, cfg, opts)
             history = trainer.run()

@@ -68,6 +68,12 @@ class RunOptions:
     memory_budget: int | None = None
     """Bytes one training may use (per GPU; for all processes together on CPU). ``None``: the GPU's free
     memory, or ``CNDS_MEMORY_BUDGET_GIB``, else the RAM available now."""
+    channels_last: bool = False
+    """Model and images in channels-last memory layout (NHWC), which convolutions often run faster in."""
+    compile: bool = False
+    """Train through ``torch.compile`` of the training module (evaluation stays eager)."""
+    prefetch: int | None = None
+    """Batches each loader worker prepares ahead (the DataLoader's ``prefetch_factor``; needs workers)."""
 
 
 @dataclass
@@ -139,13 +145,34 @@ def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def _update_path(model: torch.nn.Module) -> dict[str, bool]:
+    """The fastest update torch offers for these parameters: the fused kernel (one pass over every tensor
+    of a group, trunk and branches alike; on CPU 2-4x faster than the per-tensor loop for CNDS-8) where all
+    parameters are floating point on a device it supports, else the multi-tensor ``foreach`` path."""
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    supported = set(_get_fused_kernels_supported_devices())
+    if params and all(p.is_floating_point() and p.device.type in supported for p in params):
+        return {"fused": True}
+    return {"foreach": True}
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, update: dict[str, bool] | None = None
+                   ) -> torch.optim.Optimizer:
+    """The spec's optimiser over :func:`param_groups`. A parameter without a gradient in a step (a branch
+    whose α is 0 is not computed) is skipped by every update path: no momentum, no weight decay.
+
+    ``update`` chooses the update path (``{"foreach": False}`` is torch's per-tensor loop); default
+    :func:`_update_path`. A resumed run keeps the path its checkpoint was saved with (torch restores it
+    with the optimiser's state), so resuming stays bit-exact."""
     groups = param_groups(model, cfg)
+    update = _update_path(model) if update is None else update
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, **update)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+        return torch.optim.Adam(groups, lr=cfg.lr, **update)
+    return torch.optim.AdamW(groups, lr=cfg.lr, **update)
 
 
 def set_epoch_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, epoch: int) -> float:
@@ -270,12 +297,18 @@ def init_from(model: torch.nn.Module, path: str | Path) -> InitReport:
 # ---- evaluation -------------------------------------------------------------------------------------
 
 
-def topk_errors(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[int]:
-    """Number of examples whose label is not among the top-k logits, for each k."""
+def topk_error_counts(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> torch.Tensor:
+    """Number of examples whose label is not among the top-k logits, for each k: an int64 tensor on the
+    logits' device (no host sync; callers add them up and read them once)."""
     maxk = min(max(ks), logits.shape[1])
     top = logits.topk(maxk, dim=1).indices
     hit = top.eq(labels.unsqueeze(1))
-    return [int((~hit[:, : min(k, maxk)].any(dim=1)).sum()) for k in ks]
+    return torch.stack([(~hit[:, : min(k, maxk)].any(dim=1)).sum() for k in ks])
+
+
+def topk_errors(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[int]:
+    """Number of examples whose label is not among the top-k logits, for each k."""
+    return [int(v) for v in topk_error_counts(logits, labels, ks).tolist()]
 
 
 @torch.no_grad()
@@ -286,8 +319,10 @@ def evaluate(model, loader, device, branches: tuple[str, ...], ten_crop: bool = 
     ``per_class``, a ``(classes, 2)`` float64 tensor, accumulates per true class the examples seen and the
     main head's top-1 mistakes. ``stats["nonfinite"]`` counts examples whose main logits are not finite."""
     heads = ("main",) + branches
-    errors = {h: torch.zeros(2, dtype=torch.float64) for h in heads}
-    count = torch.zeros(1, dtype=torch.float64)
+    # counts stay on the device and are read once at the end: no host sync per batch
+    errors = torch.zeros(len(heads), 2, dtype=torch.int64, device=device)
+    count = torch.zeros(1, dtype=torch.int64, device=device)
+    nonfinite = torch.zeros((), dtype=torch.int64, device=device)
     skipped = 0
     was_training = model.training
     model.eval()
@@ -303,10 +338,10 @@ def evaluate(model, loader, device, branches: tuple[str, ...], ten_crop: bool = 
             else:
                 out = model(images, branches=branches)
                 outs = {"main": out.logits.float(), **{k: v.float() for k, v in out.aux.items()}}
-            for h in heads:
-                errors[h] += torch.tensor(topk_errors(outs[h], labels), dtype=torch.float64)
+            for row, h in enumerate(heads):
+                errors[row] += topk_error_counts(outs[h], labels)
             if stats is not None:
-                stats["nonfinite"] = stats.get("nonfinite", 0) + int((~torch.isfinite(outs["main"])).any(1).sum())
+                nonfinite += (~torch.isfinite(outs["main"])).any(1).sum()
             if per_class is not None:
                 classes = per_class.shape[0]
                 wrong = outs["main"].argmax(1) != labels
@@ -315,12 +350,15 @@ def evaluate(model, loader, device, branches: tuple[str, ...], ten_crop: bool = 
             count += labels.shape[0]
     finally:
         model.train(was_training)
+    if stats is not None:
+        stats["nonfinite"] = stats.get("nonfinite", 0) + int(nonfinite)
+    totals = torch.cat([count, errors.flatten()])
     if reduce is not None:
-        count = reduce(count)
-        errors = {h: reduce(e) for h, e in errors.items()}
-    n = max(1.0, float(count.item()))
-    top1 = {h: float(e[0]) / n for h, e in errors.items()}
-    top5 = {h: float(e[1]) / n for h, e in errors.items()}
+        totals = reduce(totals)
+    totals = totals.tolist()
+    n = max(1.0, float(totals[0]))
+    top1 = {h: totals[1 + 2 * row] / n for row, h in enumerate(heads)}
+    top5 = {h: totals[2 + 2 * row] / n for row, h in enumerate(heads)}
     return top1, top5, skipped
 
 
@@ -346,6 +384,29 @@ def effective_config(net: Network, overrides: dict[str, Any]) -> TrainConfig:
     return replace(net.train, **given)
 
 
+def check_speed_options(opts: RunOptions) -> None:
+    """Refuse, in one line, a speed option this machine cannot honour (rather than silently ignore it)."""
+    on_cpu = opts.cpu or not torch.cuda.is_available()
+    if opts.mixed_precision == "fp16" and on_cpu:
+        # Accelerate would run fp16 on CPU as plain fp32 without saying so
+        raise TrainingError("--precision fp16 needs a CUDA GPU (it has no autocast on CPU here); "
+                            "use --precision bf16 on CPU")
+    if opts.mixed_precision not in ("no", "bf16", "fp16"):
+        raise TrainingError(f"unknown precision '{opts.mixed_precision}'; choose fp32, bf16 or fp16")
+    if opts.prefetch is not None and opts.workers < 1:
+        raise TrainingError("--prefetch needs loader worker processes (--workers N with N >= 1)")
+    if opts.compile:
+        import shutil
+
+        if on_cpu and not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
+            raise TrainingError("--compile on CPU needs a C++ compiler (g++ or clang++) on PATH")
+
+
+SYNC_EVERY = 25
+"""Steps between reads of device values on the host (progress bar, non-finite loss check): each read
+waits for the accelerator to finish every queued step, so the loop does not read one per step."""
+
+
 class Trainer:
     """Trains one network; ``run()`` returns the per-epoch metrics."""
 
@@ -355,6 +416,7 @@ class Trainer:
 
         self.net, self.cfg, self.opts = net, cfg, opts
         self.out = Path(opts.out_dir)
+        check_speed_options(opts)
         ddp = DistributedDataParallelKwargs(find_unused_parameters=False)
         # TensorBoard through Accelerate's trackers when it is installed; JSONL/CSV/PNG always.
         self.tensorboard = importlib.util.find_spec("tensorboard") is not None
@@ -423,7 +485,8 @@ class Trainer:
             self.acc.process_index, self.acc.num_processes,
         )
         loader = make_loader(self.data.train, self.micro_batch, shuffle=False, workers=self.opts.workers,
-                             seed=self.cfg.seed, drop_last=True, sampler=sampler)
+                             seed=self.cfg.seed, drop_last=True, sampler=sampler, pin_memory=self.pin_memory,
+                             prefetch=self.opts.prefetch)
         loader.set_epoch(epoch)  # augmentation randomness is a function of (seed, epoch): resumable
         return loader
 
@@ -434,7 +497,13 @@ class Trainer:
         world, rank = self.acc.num_processes, self.acc.process_index
         indices = list(range(rank, n, world))  # disjoint shards; sums are all-reduced
         subset = torch.utils.data.Subset(self.data.val, indices)
-        return make_loader(subset, max(1, self.micro_batch), shuffle=False, workers=self.opts.workers, seed=0)
+        return make_loader(subset, max(1, self.micro_batch), shuffle=False, workers=self.opts.workers, seed=0,
+                           pin_memory=self.pin_memory, prefetch=self.opts.prefetch)
+
+    @property
+    def pin_memory(self) -> bool:
+        """Page-locked batches on a CUDA device: the copy to the GPU then runs asynchronously."""
+        return self.acc.device.type == "cuda"
 
     def _build(self):
         from ..backends.pytorch import build_module
@@ -451,8 +520,30 @@ class Trainer:
                     "--init-from copied nothing: no parameter of that checkpoint has the name and shape of one of "
                     f"'{self.net.name}'", path=str(self.opts.init_from))
             self.print(report.format(str(self.opts.init_from)))
+        if self.opts.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
+        self._autocast_without_output_conversion()
         self._idle_params: dict[frozenset[str], list[torch.nn.Parameter]] = {}
+        # The module the step loop calls: compiled with --compile (it shares the parameters, so checkpoints,
+        # evaluation and the optimiser see the same tensors); compilation happens at its first call.
+        self.train_module = torch.compile(self.model) if self.opts.compile else self.model
+        self.compile_seconds: float | None = None
+
+    def _autocast_without_output_conversion(self) -> None:
+        """Keep the forward's output type under mixed precision. Accelerate wraps the forward in autocast
+        and then converts its outputs to fp32 by walking them as tensors, which turns a CndsOutput into its
+        main logits and drops the branches' logits. The losses and the evaluation cast every head's logits
+        to fp32 themselves, so only the autocast is kept."""
+        from types import MethodType
+
+        from accelerate.utils import get_mixed_precision_context_manager
+
+        model = self.acc.unwrap_model(self.model)
+        original = getattr(model, "_original_forward", None)
+        if self.acc.native_amp and original is not None:
+            autocast = get_mixed_precision_context_manager(self.acc.native_amp, self.acc.autocast_handler)
+            model.forward = MethodType(autocast(original.__func__), model)
 
     def idle_parameters(self, idle) -> list[torch.nn.Parameter]:
         """Parameters only the ``idle`` heads (α = 0 this epoch) use; a branch node shared with an active
@@ -570,6 +661,33 @@ class Trainer:
         self.acc.end_training()
         return self.history
 
+    def _step_functions(self):
+        """``(backward, step)`` for one micro-batch. Without loss scaling, accumulation or a DeepSpeed-style
+        engine, Accelerate's wrappers do nothing but checks that cannot change during a run (optional
+        packages looked up, signatures inspected, a division by 1), so the loop calls torch directly."""
+        from accelerate.utils import DistributedType
+
+        acc = self.acc
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        direct = (acc.scaler is None and self.opts.grad_accum == 1
+                  and acc.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU,
+                                               DistributedType.MULTI_GPU))
+        if not direct:
+            def step() -> None:
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+
+            return acc.backward, step
+
+        def backward(loss: torch.Tensor) -> None:
+            loss.backward()
+
+        def step() -> None:
+            inner.step()
+            inner.zero_grad(set_to_none=True)
+
+        return backward, step
+
     def _epoch(self, epoch: int) -> EpochMetrics | None:
         cfg, acc = self.cfg, self.acc
         lr = set_epoch_lr(self.optimizer, cfg, epoch)
@@ -577,7 +695,10 @@ class Trainer:
         active = tuple(name for name, a in weights.items() if a > 0)
         idle = [name for name, a in weights.items() if a == 0]
         loader = self._train_loader(epoch)
-        sums = {k: 0.0 for k in ("main",) + active}
+        heads = ("main",) + active
+        # per-head loss sums stay on the device; the host reads them every SYNC_EVERY steps at most
+        sums = torch.zeros(len(heads), dtype=torch.float32, device=acc.device)
+        bad_losses = torch.zeros((), dtype=torch.int64, device=acc.device)
         batches = images_seen = skipped = 0
         bar = None
         if self.opts.progress and acc.is_main_process:
@@ -585,16 +706,28 @@ class Trainer:
 
             bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
                        dynamic_ncols=True, leave=False)
+            alpha_post = {f"α[{k}]": f"{weights[k]:.3f}" for k in active}
+        backward, step = self._step_functions()
+        accumulate = self.opts.grad_accum > 1  # with 1, Accelerate's context only counts steps
+        memory_format = torch.channels_last if self.opts.channels_last else torch.preserve_format
+        model = self.train_module
         self.model.train()
         start = time.perf_counter()
         for images, labels, n_skipped in loader:
             skipped += int(n_skipped)
-            images, labels = images.to(acc.device), labels.to(acc.device)
+            if images.ndim == 4:
+                images = images.to(acc.device, non_blocking=self.pin_memory, memory_format=memory_format)
+            else:
+                images = images.to(acc.device, non_blocking=self.pin_memory)
+            labels = labels.to(acc.device, non_blocking=self.pin_memory)
             empty = labels.shape[0] == 0  # every image of this micro-batch was unreadable
             if empty and acc.num_processes == 1:
                 continue
-            with acc.accumulate(self.model):
-                out = self.model(images, branches=active)
+            first_compiled_call = self.opts.compile and self.compile_seconds is None
+            if first_compiled_call:
+                compile_start = time.perf_counter()
+            with acc.accumulate(self.model) if accumulate else contextlib.nullcontext():
+                out = model(images, branches=active)
                 if empty:  # other processes still step: contribute exact-zero gradients to the all-reduce
                     loss = 0.0 * sum(p.sum() for p in self.model.parameters())
                     parts = {"main": loss.detach()}
@@ -602,9 +735,8 @@ class Trainer:
                     loss, parts = deep_supervision_loss(self.net, out.logits, out.aux, labels, weights)
                 if idle and acc.num_processes > 1:
                     loss = loss + 0.0 * sum(p.sum() for p in self.idle_parameters(idle))
-                if not torch.isfinite(loss.detach()):
-                    self._non_finite(epoch, parts)
-                acc.backward(loss)
+                bad_losses += ~torch.isfinite(loss.detach())
+                backward(loss)
                 if idle and acc.num_processes > 1:
                     # The all-reduce is done; drop the zeros so the optimiser skips the idle branch
                     # (no momentum, no weight decay), exactly as a single process does.
@@ -612,28 +744,38 @@ class Trainer:
                         p.grad = None
                 if acc.sync_gradients:
                     self._monitor_gradients()
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                step()
+            if first_compiled_call:
+                self.compile_seconds = time.perf_counter() - compile_start
+                self.print("torch.compile: the first step (compilation included) took "
+                           f"{self.compile_seconds:.1f} s")
             if acc.sync_gradients:
                 self.step += 1
-            for k, v in parts.items():
-                sums[k] += float(v.detach())
+            if len(parts) == len(heads):
+                sums += torch.stack([parts[k] for k in heads])
+            else:  # an empty micro-batch has only the main part
+                sums[0] += parts["main"]
             batches += 1
             images_seen += images.shape[0] * acc.num_processes
+            stop = self.opts.max_steps is not None and self.step >= self.opts.max_steps
+            if batches % SYNC_EVERY == 0:
+                self._check_losses(epoch, bad_losses, parts)
             if bar is not None:
-                elapsed = time.perf_counter() - start
-                post = {"loss": f"{float(parts['main']):.3f}"}
-                post.update({f"α[{k}]": f"{weights[k]:.3f}" for k in active})
-                post["img/s"] = f"{images_seen / max(elapsed, 1e-9):.0f}"
-                bar.set_postfix(post, refresh=False)
+                if batches % SYNC_EVERY == 0 or batches == 1:
+                    elapsed = time.perf_counter() - start
+                    post = {"loss": f"{float(parts['main']):.3f}", **alpha_post,
+                            "img/s": f"{images_seen / max(elapsed, 1e-9):.0f}"}
+                    bar.set_postfix(post, refresh=False)
                 bar.update(1)
-            if self.opts.max_steps is not None and self.step >= self.opts.max_steps:
+            if stop:
                 break
+        if batches:
+            self._check_losses(epoch, bad_losses, parts)
         if bar is not None:
             bar.close()
         seconds = time.perf_counter() - start
-        train_loss = {k: acc.reduce(torch.tensor(v / max(1, batches), device=acc.device), "mean").item()
-                      for k, v in sums.items()}
+        means = acc.reduce(sums / max(1, batches), "mean").tolist()
+        train_loss = dict(zip(heads, means, strict=True))
         stats: dict = {}
         top1, top5, val_skipped = evaluate(
             self.model, self._val_loader(), acc.device, self.acc.unwrap_model(self.model).branch_names,
@@ -646,6 +788,11 @@ class Trainer:
             skipped=int(acc.reduce(torch.tensor(skipped + val_skipped, device=acc.device), "sum").item()),
             seconds=seconds,
         )
+
+    def _check_losses(self, epoch: int, bad_losses: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
+        """Stop on a non-finite loss seen since the last check (read from the device here, not per step)."""
+        if int(bad_losses):
+            self._non_finite(epoch, parts)
 
     def _monitor_gradients(self) -> None:
         every = self.opts.grad_monitor
@@ -681,7 +828,8 @@ class Trainer:
         kept = self.out / "last.pt"
         where = f"the last good checkpoint {kept} is kept" if kept.exists() else "no checkpoint was written yet"
         raise TrainingError(
-            f"non-finite loss at epoch {epoch + 1}, step {self.step + 1} ({bad}); training stopped and {where}; "
+            f"non-finite loss at epoch {epoch + 1}, by step {self.step} (last losses: {bad}); "
+            f"training stopped and {where}; "
             "lower the learning rate (--lr) or check the data",
             path=str(self.out),
         )
