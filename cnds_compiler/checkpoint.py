@@ -144,6 +144,7 @@ def read_checkpoint_file(path: Path) -> Any:
         raise CheckpointError("not a regular file, so not a checkpoint", path=str(path))
     if path.stat().st_size == 0:
         raise CorruptCheckpointError("checkpoint is empty (0 bytes): a write that never finished?", path=str(path))
+    _check_magic(path)
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols on stderr: the error says enough
             warnings.simplefilter("ignore")
@@ -158,6 +159,27 @@ def read_checkpoint_file(path: Path) -> Any:
         first = text.splitlines()[0][:160] if text else e.__class__.__name__
         raise CorruptCheckpointError(f"cannot read checkpoint (corrupt or not a torch file): {first}",
                                      path=str(path)) from None
+
+
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+"""How a torch file starts: a zip archive (torch >= 1.6), or a pickle stream (the legacy format)."""
+
+
+def _check_magic(path: Path) -> None:
+    """Name what a file is when it is plainly not a torch file, rather than echo the unpickler's riddle."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint ({e.strerror or e})", path=str(path)) from None
+    if head.startswith(_TORCH_MAGIC):
+        return
+    text = head.decode("utf-8", errors="ignore")  # 64 bytes may end inside a character
+    kind = "text" if text and all(c.isprintable() or c in "\t\r\n" for c in text) else None
+    if kind is None and (head.startswith(b"\x89PNG") or head.startswith(b"\xff\xd8")):
+        kind = "an image"
+    shown = f" (it is {kind}: {head[:24]!r})" if kind else f" (it starts with {head[:8]!r})"
+    raise CorruptCheckpointError(f"not a torch checkpoint file{shown}", path=str(path))
 
 
 def _normalise(obj: Any, path: Path) -> dict[str, Any]:

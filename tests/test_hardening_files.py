@@ -462,7 +462,7 @@ def _zip_not_torch(path: Path) -> None:
 
 # case -> (make the file from the good checkpoint, a fragment of the one line every command prints)
 BAD_FILES = {
-    "text-file": (lambda g, p: p.write_text("epoch 3\nweights: lots\n"), "cannot read checkpoint"),
+    "text-file": (lambda g, p: p.write_text("epoch 3\nweights: lots\n"), "not a torch checkpoint file (it is text"),
     "zip-not-torch": (lambda g, p: _zip_not_torch(p), "cannot read checkpoint"),
     "empty-file": (lambda g, p: p.write_bytes(b""), "checkpoint is empty"),
     "truncated": (lambda g, p: p.write_bytes(g.read_bytes()[:5000]), "cannot read checkpoint"),
@@ -582,7 +582,7 @@ def test_import_weights_refuse_what_is_not_a_state_dict_with_one_line(tmp_path, 
     ok = tmp_path / "ok.pth"
     torch.save(Two().state_dict(), ok)
     assert set(load_state_dict(ok, Two())) == {"a.weight", "a.bias"}
-    cases = {"folder": "is a folder", "empty": "checkpoint is empty", "text": "cannot read checkpoint",
+    cases = {"folder": "is a folder", "empty": "checkpoint is empty", "text": "not a torch checkpoint file \\(it is text",
              "dtype": "wrong dtype at ['a.weight']", "forbidden": "holds objects other than tensors"}
     (tmp_path / "folder").mkdir()
     (tmp_path / "empty").write_bytes(b"")

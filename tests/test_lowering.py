@@ -401,7 +401,7 @@ def test_cli_user_errors_are_one_line(tmp_path: Path, capsys):
     torch.save({"conv1.weight": torch.zeros(3)}, wrong)
     cases = [
         (["--weights", str(tmp_path / "missing.pt")], "missing.pt: checkpoint error: no such checkpoint"),
-        (["--weights", str(junk)], "junk.pt: checkpoint error: cannot read checkpoint"),
+        (["--weights", str(junk)], "junk.pt: checkpoint error: not a torch checkpoint file (it is text"),
         (["--weights", str(wrong)], "wrong.pt: checkpoint error: weights do not fit"),
         (["--features", "fc9"], "digits_cnds8.cnds: unknown name: --features: no trunk layer named 'fc9'"),
         (["--features", "classifier"], "belong to supervision branches"),
