@@ -492,7 +492,7 @@ def plot_training_curves(records: list[dict], out: Path, init: Init, target: flo
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     from cnds_compiler.io import atomic_write_bytes
 
@@ -530,10 +530,17 @@ def plot_training_curves(records: list[dict], out: Path, init: Init, target: flo
     if zoom_lo is not None:
         pad = max(0.5, 0.08 * (zoom_hi - zoom_lo))
         axes[1].set_ylim(bottom=max(0.0, zoom_lo - pad), top=zoom_hi + pad)
+    else:
+        axes[1].text(0.5, 0.5, "no row learns", ha="center", va="center", transform=axes[1].transAxes,
+                     bbox={"facecolor": "white", "edgecolor": "none"})
     axes[2].set(title="training loss of the main head", xlabel="epoch", ylabel="loss (log scale)", yscale="log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 20, 30, 2.2 rather than 2×10¹, 3×10¹, 2.2×10⁰
     for ax in axes:
         ax.grid(alpha=0.3, which="both")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if ax.get_yscale() == "log":
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(plain)
     axes[0].legend(fontsize=7, loc="lower left")
     fig.suptitle(f"{init.label} init; mean over seeds, band = min..max over seeds")
     fig.tight_layout()
