@@ -735,7 +735,7 @@ def analyse(records: list[dict], probes: dict, grads: dict, pilot: dict, regime:
         "5": {key: probe_claim(probes.get(key, {})) for key, *_ in PROBE_NETS},
         "6": compare_errors(rows, "cnds8", "cnds8_const"),
     }
-    return {"init": init, "target": target, "table": table, "claims": c}
+    return {"init": init, "target": target, "table": table, "claims": c, "runs": rows}
 
 
 # ---- the page ---------------------------------------------------------------------------------------------
@@ -766,6 +766,9 @@ def _diff_text(d: dict, unit: str = "points", scale: float = 100.0, digits: int 
     """'difference +0.41 points, 95 % CI [−0.2, +1.0], 2 of 3 seeds'."""
     if d.get("verdict") == NOT_RUN:
         return "not run"
+    if d.get("verdict") == UNTESTABLE:
+        return ("neither net reached the target in any seed" if "reached" in d
+                else "both at chance in every seed") + ", so the comparison measures nothing"
     ci = d.get("ci")
     ci_s = (f", 95 % CI [{ci[0] * scale:+.{digits}f}, {ci[1] * scale:+.{digits}f}]" if ci
             else ", no interval with one seed")
@@ -926,7 +929,7 @@ def _regime_section(res, regime: Regime, pilot: dict, init: Init, an: dict) -> s
     last_pilot = max((r.get("finished", 0) for r in res["records"] if r["row"] == "cnn5" and r["seed"] == pilot["seed"]),
                      default=0)
     if first_deep < math.inf and last_pilot:
-        L.append(f"Order check from the records: the last pilot run finished {first_deep - last_pilot:,.0f} s before "
+        L.append(f"Order check from the records: the last pilot run finished {first_deep - last_pilot:,.1f} s before "
                  "the first deep run started." if first_deep >= last_pilot else
                  "Order check: some deep runs predate the pilot (runs reused from an earlier invocation).")
         L.append("")
@@ -1026,9 +1029,22 @@ def _claims_section(cl: dict, regime: Regime, init: Init, an: dict) -> str:
                  f"error ≤ {_pct(d['target'])} % (the pilot). {per}. Not reached counts as one epoch past the budget. "
                  f"{_diff_text(d, 'epochs', 1, 1)}: **{d['verdict']}**.")
         L.append("")
+    best = {k: min(m["val_top1_error"] for s in an["runs"].get(k, {}).values() for m in s["epochs"])
+            for k in ("cnn8", "cnn8_vgg", "cnds8") if an["runs"].get(k)}
+    if c2["vs_plain"].get("verdict") == UNTESTABLE and best:
+        L.append("The target was fixed from the shallow net before any deep run, and no 8-layer net came down to it "
+                 f"within {regime.epochs} epochs (lowest validation error of any seed: "
+                 + ", ".join(f"{ROW[k].label} {_pct(v)} %" for k, v in best.items())
+                 + "): at this budget the 8-layer nets end behind CNN-5, so claim 2 cannot be read here.")
+        L.append("")
     L.append(f"**(3) CNDS-13 beats CNDS-8** — {_pairs(c3['vs_cnds8'])}: {_diff_text(c3['vs_cnds8'])}, "
              f"**{c3['vs_cnds8']['verdict']}**. Is it the branches or the depth? Against plain CNN-13 (CNDS-13 without "
              f"its branches): {_pairs(c3['vs_cnn13'])}: {_diff_text(c3['vs_cnn13'])}, **{c3['vs_cnn13']['verdict']}**.")
+    cnn13, cnds13 = c3["vs_cnn13"], c3["vs_cnds8"]
+    if cnn13.get("worse") and _at_chance(cnn13["worse"]) and not _at_chance(cnn13["better"]):
+        L.append(f"Plain CNN-13 stayed at chance from {init.label} in every seed while CNDS-13 learned: the branches are "
+                 "what makes the 13-layer net trainable here"
+                 + (", yet it still ends behind the 8-layer CNDS-8." if cnds13.get("verdict") == NOT_HELD else "."))
     L.append("")
     L.append("**(6) Decaying α vs a constant α (GoogLeNet-style heads).** `specs/fmnist_cnds8_const.cnds` is CNDS-8 "
              "with the same branch, named `loss1`, at a constant weight 0.3 (`decay none`), as GoogLeNet weighted "
@@ -1082,6 +1098,11 @@ def _probe_section(probes, c5, page, regime: Regime) -> str:
     p8 = probes.get("cnn8", {})
     for vkey, path in p8.get("figures", {}).items():
         L.append(f"![Figure 2(a), 8-layer trunk, {vkey}]({_rel(path, page)})")
+        L.append("")
+    p13 = probes.get("cnds13", {}).get("figures", {})
+    if p13:
+        L.append("The 13-layer trunk's plots: " + ", ".join(
+            f"[{'zero' if vkey == 'bias0' else 'Caffe'} biases]({_rel(path, page)})" for vkey, path in p13.items()) + ".")
         L.append("")
     n_settings = (len(regime.probe_iters) * len(regime.probe_batches) * len(regime.probe_thresholds)
                   * len(regime.probe_seeds))
@@ -1158,7 +1179,7 @@ def _limits_section(res, regime: Regime, init: Init, an: dict) -> str:
         "showed that), from N(0, 0.01) even CNN-5 may not learn. The verdicts hold for this init only.",
         "- The VGG row's pre-training gets half the epochs so that its total matches; the paper pre-trained CNN-5 "
         "to convergence. Claim 2's target is the pilot CNN-5's final validation error, one seed; a row that never "
-        "reaches it is censored at one epoch past the budget.",
+        "reaches it is censored at one epoch past the budget; when no row reaches it, claim 2 is untestable here.",
         "- CNN-13/CNDS-13's layout is ours (no public layer table exists; `specs/fmnist_cnds13.cnds`); the "
         "constant-α head (claim 6) is CNDS-8's branch with `decay none`, not GoogLeNet's two inception-side heads.",
         "- The probe's verdicts depend on its settings; the sweep covers the settings listed, not all.",
