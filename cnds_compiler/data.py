@@ -757,6 +757,28 @@ def _limit(n: int, limit: int | None, seed: int, what: str) -> list[int]:
     return sorted(torch.randperm(n, generator=g)[:limit].tolist())
 
 
+def hold_out(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Positions ``(kept, held_out)`` of a seeded random split of ``n`` training samples.
+
+    ``round(fraction * n)`` samples are held out (``--val-split``); which ones depends only on ``seed``
+    and ``n`` (not on the training seed), so every run with the same split seed sees the same split.
+    """
+    if not (isinstance(fraction, (int, float)) and 0 < fraction < 1):
+        raise DataError(f"--val-split must be a fraction between 0 and 1 (exclusive), got {fraction}")
+    held = int(round(fraction * n))
+    if held < 1 or held >= n:
+        raise DataError(f"--val-split {fraction:g} of {n:,} training samples leaves "
+                        + ("no validation sample" if held < 1 else "no training sample"))
+    g = torch.Generator()
+    g.manual_seed(mix_seed(seed, n, 0x5A1D))
+    order = torch.randperm(n, generator=g).tolist()
+    return sorted(order[held:]), sorted(order[:held])
+
+
+def _held_out_note(val_split: float | None, split_seed: int) -> str:
+    return "" if val_split is None else f", val = {val_split:g} of train held out (split seed {split_seed})"
+
+
 def _shape_note(fit: dict[str, Any], native: tuple[int, int]) -> str:
     c, h, w = fit["out_shape"]
     native_s = f"{native[0]}x{native[1]} grey"
@@ -771,8 +793,14 @@ def _memory_splits(
     name: str, net: Network, fit: dict[str, Any], train: tuple[torch.Tensor, torch.Tensor],
     val: tuple[torch.Tensor, torch.Tensor], train_idx: Sequence[int], val_idx: Sequence[int],
     classes: tuple[str, ...], ten_crop: bool, limit_train: int | None, limit_val: int | None, seed: int,
-    location: str, prefix: str,
+    location: str, prefix: str, val_split: float | None = None, split_seed: int = 0,
 ) -> DataSplits:
+    if val_split is not None:  # the source's own val set is left out: it stays the test set
+        keep, held = hold_out(len(train_idx), val_split, split_seed)
+        k, h = torch.tensor(keep, dtype=torch.int64), torch.tensor(held, dtype=torch.int64)
+        images, labels = train
+        val, val_idx = (images[h], labels[h]), [train_idx[i] for i in held]
+        train, train_idx = (images[k], labels[k]), [train_idx[i] for i in keep]
     sets = []
     for (images, labels), idx, limit, is_train, what in (
         (train, train_idx, limit_train, True, "limit_train"), (val, val_idx, limit_val, False, "limit_val"),
@@ -787,7 +815,7 @@ def _memory_splits(
         ))
     tr, va = sets
     native = tuple(train[0].shape[-2:])
-    desc = f"{prefix} ({len(tr):,} train / {len(va):,} val, {_shape_note(fit, native)})"
+    desc = f"{prefix} ({len(tr):,} train / {len(va):,} val, {_shape_note(fit, native)}{_held_out_note(val_split, split_seed)})"
     return DataSplits(tr, va, classes, desc, name)
 
 
@@ -812,7 +840,8 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(bunch.images, dtype=np.float32), np.asarray(bunch.target, dtype=np.int64)
 
 
-def _load_digits(name: str, net: Network, fit, ten_crop, limit_train, limit_val, seed) -> DataSplits:
+def _load_digits(name: str, net: Network, fit, ten_crop, limit_train, limit_val, seed, val_split=None,
+                 split_seed=0) -> DataSplits:
     _check_classes(net, 10, "digits", None)
     images, targets = _digits_arrays()
     x = torch.from_numpy(images / 16.0).unsqueeze(1)
@@ -822,6 +851,7 @@ def _load_digits(name: str, net: Network, fit, ten_crop, limit_train, limit_val,
     return _memory_splits(
         name, net, fit, (x[ti], y[ti]), (x[vi], y[vi]), train_idx, val_idx,
         tuple(str(d) for d in range(10)), ten_crop, limit_train, limit_val, seed, "digits", "digits",
+        val_split, split_seed,
     )
 
 
@@ -892,7 +922,8 @@ def _idx_file(root: Path, stem: str) -> Path:
     raise DataError(f"Fashion-MNIST file {stem}.gz is missing", path=str(root / (stem + ".gz")))
 
 
-def _load_fmnist(name: str, root: Path, net: Network, fit, ten_crop, limit_train, limit_val, seed):
+def _load_fmnist(name: str, root: Path, net: Network, fit, ten_crop, limit_train, limit_val, seed, val_split=None,
+                 split_seed=0):
     if not root.is_dir():
         raise DataError(
             "Fashion-MNIST not found: no such directory; install it with "
@@ -921,7 +952,7 @@ def _load_fmnist(name: str, root: Path, net: Network, fit, ten_crop, limit_train
     return _memory_splits(
         name, net, fit, tensors["train"], tensors["val"], range(len(parts["train"][1])),
         range(len(parts["val"][1])), FASHION_MNIST_CLASSES, ten_crop, limit_train, limit_val, seed,
-        str(root), prefix,
+        str(root), prefix, val_split, split_seed,
     )
 
 
@@ -941,14 +972,15 @@ def _image_files(folder: Path) -> list[str]:
         raise DataError(e.message, path=e.path) from None
 
 
-def _load_imagefolder(name, root: Path, net: Network, fit, strict, ten_crop, limit_train, limit_val, seed):
+def _load_imagefolder(name, root: Path, net: Network, fit, strict, ten_crop, limit_train, limit_val, seed,
+                      val_split=None, split_seed=0):
     if not root.is_dir():
         raise DataError("image folder not found: no such directory", path=str(root))
     c = fit["out_shape"][0]
     if c not in (1, 3):
         raise DataError(f"image folders give grey or RGB images, but the spec's input has {c} channels")
     train_dir, val_dir = root / "train", root / "val"
-    for d in (train_dir, val_dir):
+    for d in (train_dir, val_dir) if val_split is None else (train_dir,):  # val/ is not read with --val-split
         if not d.is_dir():
             raise DataError(
                 f"missing {d.name}/ folder (an image folder needs train/<class>/ and val/<class>/)",
@@ -960,17 +992,14 @@ def _load_imagefolder(name, root: Path, net: Network, fit, strict, ten_crop, lim
     if net.class_names:
         classes = _by_spec_names(net.class_names, classes, train_dir)
     index = {cls: k for k, cls in enumerate(classes)}
-    for cls in _subdirs(val_dir):
+    for cls in _subdirs(val_dir) if val_split is None else ():
         if cls not in index:
             raise DataError(
                 f"val class '{cls}' is not a train class", path=str(val_dir / cls),
                 hint=did_you_mean(cls, classes),
             )
     _check_classes(net, len(classes), "the image folder", str(train_dir))
-    sets = []
-    for split_dir, limit, is_train, what in (
-        (train_dir, limit_train, True, "limit_train"), (val_dir, limit_val, False, "limit_val"),
-    ):
+    def scan(split_dir: Path, is_train: bool) -> list[tuple[str, int]]:
         samples = []
         for cls in _subdirs(split_dir):
             files = _image_files(split_dir / cls)
@@ -979,6 +1008,19 @@ def _load_imagefolder(name, root: Path, net: Network, fit, strict, ten_crop, lim
             samples.extend((f, index[cls]) for f in files)
         if not samples:
             raise DataError("no images", path=str(split_dir))
+        return samples
+
+    train_samples = scan(train_dir, True)
+    if val_split is None:
+        val_samples = scan(val_dir, False)
+    else:
+        keep, held = hold_out(len(train_samples), val_split, split_seed)
+        train_samples, val_samples = [train_samples[k] for k in keep], [train_samples[k] for k in held]
+    sets = []
+    for samples, split_dir, limit, is_train, what in (
+        (train_samples, train_dir, limit_train, True, "limit_train"),
+        (val_samples, train_dir if val_split is not None else val_dir, limit_val, False, "limit_val"),
+    ):
         samples = [samples[k] for k in _limit(len(samples), limit, seed, what)]
         sets.append(ImageFolderDataset(
             samples, train=is_train, ten_crop=ten_crop, strict=strict, location=str(split_dir), **fit,
@@ -988,7 +1030,8 @@ def _load_imagefolder(name, root: Path, net: Network, fit, strict, ten_crop, lim
     rh, rw = fit["resize"]
     kind = "RGB" if ch == 3 else "grey"
     crops = f"{h}x{w} {kind}" + (f" crops of {rh}x{rw}" if (rh, rw) != (h, w) else "")
-    desc = f"imagefolder {root} ({len(tr):,} train / {len(va):,} val, {len(classes)} classes, {crops})"
+    desc = (f"imagefolder {root} ({len(tr):,} train / {len(va):,} val, {len(classes)} classes, {crops}"
+            f"{_held_out_note(val_split, split_seed)})")
     return DataSplits(tr, va, tuple(classes), desc, name)
 
 
@@ -1001,16 +1044,22 @@ def load_source(
     limit_train: int | None = None,
     limit_val: int | None = None,
     seed: int = 0,
+    val_split: float | None = None,
+    split_seed: int = 0,
 ) -> DataSplits:
     """The train/val datasets of ``source`` (a ``--data`` string), fitted to ``net``'s input and data.
 
     ``strict``: an unreadable image stops the run (DataError naming it) instead of being skipped.
     ``ten_crop``: val samples are the 10 crops ``(10, C, H, W)``. ``limit_*``: keep a random subset of
     that many samples (chosen by ``seed``; the digits split itself never depends on the seed).
+    ``val_split``: hold out this fraction of the *training* set as the val set (chosen by ``split_seed``,
+    see :func:`hold_out`); the source's own val set is then not used, so it stays an untouched test set.
+    ``limit_*`` apply after the split.
     """
     fit = _fit(net)
     kind, sep, arg = source.partition(":")
-    common = dict(ten_crop=ten_crop, limit_train=limit_train, limit_val=limit_val, seed=seed)
+    common = dict(ten_crop=ten_crop, limit_train=limit_train, limit_val=limit_val, seed=seed,
+                  val_split=val_split, split_seed=split_seed)
     if kind == "digits":
         if sep:
             raise DataError("the digits source takes no argument; use --data digits")

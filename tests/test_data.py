@@ -362,6 +362,66 @@ def test_unknown_source_hint(digits_net):
         load_source("imagefolder", digits_net)
 
 
+# ---- held-out validation split (--val-split) ----------------------------------------------------------
+
+
+def test_val_split_holds_out_a_fixed_seeded_part_of_train(digits_net, raw_digits):
+    plain = load_source("digits", digits_net)
+    a = load_source("digits", digits_net, val_split=0.25, split_seed=3, seed=0)
+    b = load_source("digits", digits_net, val_split=0.25, split_seed=3, seed=7)  # another training seed
+    tr, va = set(a.train.indices), set(a.val.indices)
+    assert len(va) == round(0.25 * 1438) and len(tr) == 1438 - len(va)
+    assert not tr & va and tr | va == set(plain.train.indices)  # carved from train, disjoint, nothing lost
+    assert not va & set(plain.val.indices)  # the source's own val (test) set is not used
+    assert a.val.indices == b.val.indices and a.train.indices == b.train.indices  # the split ignores --seed
+    other = load_source("digits", digits_net, val_split=0.25, split_seed=4)
+    assert other.val.indices != a.val.indices  # ... and follows --split-seed
+    labels = raw_digits[1]
+    x, y = a.val[0]
+    assert int(y) == int(labels[a.val.indices[0]])
+    torch.testing.assert_close(x * 0.5 + 0.5, raw_digits[0][a.val.indices[0]].unsqueeze(0), atol=1e-6, rtol=0)
+    assert a.description == "digits (1,078 train / 360 val, 8x8 grey, val = 0.25 of train held out (split seed 3))"
+    limited = load_source("digits", digits_net, val_split=0.25, split_seed=3, limit_train=100, limit_val=50)
+    assert len(limited.train) == 100 and len(limited.val) == 50  # limits apply after the split
+    assert set(limited.train.indices) <= tr and set(limited.val.indices) <= va
+
+
+@pytest.mark.parametrize("fraction, message", [(0.0, "between 0 and 1"), (1.0, "between 0 and 1"),
+                                                (1e-5, "leaves no validation sample"),
+                                                (0.99999, "leaves no training sample")])
+def test_val_split_bad_fractions_are_data_errors(digits_net, fraction, message):
+    with pytest.raises(DataError, match=message):
+        load_source("digits", digits_net, val_split=fraction)
+
+
+@pytest.mark.skipif(not HAVE_FMNIST, reason="dataset-fashion-mnist is not installed")
+def test_val_split_on_fashion_mnist_takes_from_the_60000(fmnist_net):
+    from cnds_compiler.data import read_idx
+
+    s = load_source("fashion-mnist", fmnist_net, val_split=0.05, limit_train=1000)
+    assert len(s.val) == 3000 and len(s.train) == 1000
+    assert not set(s.train.indices) & set(s.val.indices) and max(s.val.indices) < 60000
+    labels = read_idx(FASHION_MNIST_DIR / "train-labels-idx1-ubyte.gz", 1)  # the *train* file's labels
+    assert [int(s.val[k][1]) for k in range(20)] == [int(labels[i]) for i in s.val.indices[:20]]
+
+
+def test_val_split_on_an_image_folder_needs_no_val_folder(tmp_path, rgb_net):
+    root = make_imagefolder(tmp_path, classes=3, per_class=5, size=(16, 16), val_per_class=1)
+    import shutil
+
+    shutil.rmtree(root / "val")
+    with pytest.raises(DataError, match="missing val/ folder"):
+        load_source(f"imagefolder:{root}", rgb_net)
+    s = load_source(f"imagefolder:{root}", rgb_net, val_split=0.2, split_seed=1)
+    tr = {f for f, _ in s.train.samples}
+    va = {f for f, _ in s.val.samples}
+    assert len(va) == 3 and len(tr) == 12 and not tr & va and all("/train/" in f for f in va)
+    assert not s.val.augments and s.train.augments
+    again = load_source(f"imagefolder:{root}", rgb_net, val_split=0.2, split_seed=1, seed=5)
+    assert [f for f, _ in again.val.samples] == [f for f, _ in s.val.samples]
+    assert s.description.endswith("val = 0.2 of train held out (split seed 1))")
+
+
 # ---- sampler and loader ---------------------------------------------------------------------------
 
 

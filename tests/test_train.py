@@ -364,6 +364,30 @@ def test_train_cli_out_of_range_counts_are_usage_errors(flag, value, capsys):
     assert e.value.code == 2 and "must be >=" in capsys.readouterr().err
 
 
+def test_train_cli_val_split_is_stated_in_the_run(tmp_path, capsys):
+    from cnds_compiler.train.cli import train_main
+
+    out = tmp_path / "run"
+    code = train_main([str(SPECS / "digits_cnds8.cnds"), "--epochs", "1", "--limit-train", "128", "--no-progress",
+                       "--cpu", "--max-steps", "1", "--val-split", "0.2", "--split-seed", "5", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    doc = json.loads((out / "data.json").read_text())
+    assert doc["val_split"] == 0.2 and doc["split_seed"] == 5
+    assert doc["val_examples"] == round(0.2 * 1438) and doc["train_examples"] == 128
+    assert "val = 0.2 of train held out (split seed 5)" in printed and doc["description"] in printed
+
+
+@pytest.mark.parametrize("value", ["0", "1", "1.5", "x"])
+def test_train_cli_val_split_out_of_range_is_a_usage_error(value, capsys):
+    from cnds_compiler.train.cli import train_main
+
+    with pytest.raises(SystemExit) as e:
+        train_main([str(SPECS / "digits_cnds8.cnds"), "--val-split", value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--val-split" in err and "Traceback" not in err
+
+
 def test_unwritable_outputs_are_one_line_errors(tmp_path, capsys):
     from cnds_compiler.cli import compile_main
 

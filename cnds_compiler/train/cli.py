@@ -37,12 +37,27 @@ def _precision(text: str) -> str:
     return value
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction between 0 and 1 (exclusive), got {text}")
+    return value
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="digits", help=f"data source: {DATA_HELP} (default: digits)")
     p.add_argument("--workers", type=_count(0), default=0, help="data-loader worker processes (default 0)")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
     p.add_argument("--ten-crop", action="store_true", help="evaluate on 10 crops (corners, centre, mirrors)")
     p.add_argument("--limit-val", type=_count(1), help="use only the first N validation examples")
+    p.add_argument("--val-split", type=_fraction, metavar="F",
+                   help="hold out a seeded fraction F of the training set as the validation set; the source's "
+                   "own val set is then not used (keep it as the test set: cnds-eval without --val-split)")
+    p.add_argument("--split-seed", type=_count(0), default=0, metavar="S",
+                   help="which samples --val-split holds out (default 0; independent of --seed)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is available")
     p.add_argument("--traceback", action="store_true", help="show Python tracebacks on errors")
 
@@ -179,7 +194,8 @@ def train_main(argv: list[str] | None = None) -> int:
                 data=args.data, out_dir=out, resume=args.resume, init_from=args.init_from,
                 mixed_precision=args.mixed_precision, grad_accum=args.grad_accum, cpu=args.cpu,
                 workers=args.workers, strict=args.strict, ten_crop=args.ten_crop, limit_train=args.limit_train,
-                limit_val=args.limit_val, progress=not args.no_progress, grad_monitor=args.grad_monitor,
+                limit_val=args.limit_val, val_split=args.val_split, split_seed=args.split_seed,
+                progress=not args.no_progress, grad_monitor=args.grad_monitor,
                 max_steps=args.max_steps, memory_budget=budget_from_gib(args.memory_budget),
                 channels_last=args.channels_last, compile=args.compile, prefetch=args.prefetch,
             )
@@ -228,7 +244,8 @@ def eval_main(argv: list[str] | None = None) -> int:
         ckpt = load_checkpoint(args.checkpoint, net, need="model")
         model = build_module(net)
         model.load_state_dict(ckpt["model"])
-        data = load_source(args.data, net, strict=args.strict, ten_crop=args.ten_crop, limit_val=args.limit_val)
+        data = load_source(args.data, net, strict=args.strict, ten_crop=args.ten_crop, limit_val=args.limit_val,
+                           val_split=args.val_split, split_seed=args.split_seed)
         loader = make_loader(data.val, args.batch_size, shuffle=False, workers=args.workers)
         device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
         model.to(device)

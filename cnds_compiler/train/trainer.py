@@ -58,6 +58,10 @@ class RunOptions:
     ten_crop: bool = False
     limit_train: int | None = None
     limit_val: int | None = None
+    val_split: float | None = None
+    """Hold out this fraction of the training set for per-epoch validation (the source's val set is unused)."""
+    split_seed: int = 0
+    """Which samples ``val_split`` holds out (independent of the training seed)."""
     progress: bool = True
     grad_monitor: int = 0
     """Record per-layer mean |grad| every this many steps (0 = off)."""
@@ -470,7 +474,15 @@ class Trainer:
         self.data = load_source(
             self.opts.data, self.net, strict=self.opts.strict, ten_crop=self.opts.ten_crop,
             limit_train=self.opts.limit_train, limit_val=self.opts.limit_val, seed=self.cfg.seed,
+            val_split=self.opts.val_split, split_seed=self.opts.split_seed,
         )
+        if self.acc.is_main_process:  # what the per-epoch validation numbers were measured on
+            atomic_write_text(self.out / "data.json", json.dumps({
+                "source": self.opts.data, "description": self.data.description,
+                "train_examples": len(self.data.train), "val_examples": len(self.data.val),
+                "val_split": self.opts.val_split, "split_seed": self.opts.split_seed if self.opts.val_split else None,
+                "limit_train": self.opts.limit_train, "limit_val": self.opts.limit_val,
+            }, indent=1) + "\n")
         global_micro = self.micro_batch * self.acc.num_processes
         if len(self.data.train) < global_micro * self.opts.grad_accum:
             raise TrainingError(
