@@ -134,6 +134,32 @@ def branch_cost(pairs, rounds: int, device: torch.device = CPU) -> list[dict]:
     return results
 
 
+
+def branch_profile(cnds: str, cnn: str, batch: int, steps: int = 5, top: int = 6) -> dict:
+    """Where a branch's step time goes: torch profiler self CPU time per op (the calling thread; intra-op
+    worker threads are not counted), CNDS-8 minus CNN-8 per step, largest first, next to the branch's share
+    of the IR's forward FLOPs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    per_op = {}
+    for spec in (cnds, cnn):
+        step = stepper(spec, batch)
+        for _ in range(3):
+            step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                step()
+        per_op[spec] = {e.key: e.self_cpu_time_total / steps / 1e3 for e in prof.key_averages()}
+    a, b = per_op[cnds], per_op[cnn]
+    diff = sorted(((a.get(k, 0.0) - b.get(k, 0.0), k) for k in set(a) | set(b)), reverse=True)[:top]
+    net = compile_spec(SPECS / cnds)
+    main = net.main_nodes()
+    trunk_flops = sum(n.flops or 0 for n in net.nodes if n.name in main)
+    branch_flops = sum(n.flops or 0 for n in net.nodes if n.name not in main)
+    return {"cnds": cnds, "cnn": cnn, "batch": batch, "cnds_ms": sum(a.values()), "cnn_ms": sum(b.values()),
+            "top": [{"op": k, "extra_ms": d, "cnds_ms": a.get(k, 0.0), "cnn_ms": b.get(k, 0.0)} for d, k in diff],
+            "branch_flop_share": branch_flops / max(trunk_flops, 1)}
+
 OPTIONS = {
     "channels_last": dict(channels_last=True),
     "bf16": dict(precision="bf16"),
@@ -305,11 +331,22 @@ def main() -> None:
     pairs = (("fmnist_cnds8.cnds", "fmnist_cnn8.cnds", 128), ("digits_cnds8.cnds", "digits_cnn8.cnds", 64))
     results["branch"] = branch_cost(pairs, rounds * 2)
     results["branch"] += branch_cost((("imagenet_cnds8.cnds", "imagenet_cnn8.cnds", 4),), max(3, rounds // 2))
+    if not args.quick:  # batch 4 is dominated by the fc layers' weight traffic; 16 is nearer real use
+        results["branch"] += branch_cost((("imagenet_cnds8.cnds", "imagenet_cnn8.cnds", 16),), 3)
     for r in results["branch"]:
         loop = (f"; per-tensor optimiser loop {r['ratio_per_tensor_loop']:.3f}, fused/loop step "
                 f"{r['fused_over_loop_cnds']:.3f}") if "ratio_per_tensor_loop" in r else ""
         print(f"  {r['cnds']:<22} {r['cnds_ms']:8.1f} ms  vs {r['cnn']:<20} {r['cnn_ms']:8.1f} ms  (batch "
               f"{r['batch']}, {r['rounds']} rounds)  ratio {r['ratio']:.3f} (goal <= 1.05){loop}")
+    results["branch_profile"] = []
+    for a, b, batch in pairs[:1]:
+        prof = branch_profile(a, b, batch)
+        results["branch_profile"].append(prof)
+        print(f"  where {a}'s branch time goes (profiler, self CPU of the calling thread per step: "
+              f"{prof['cnds_ms']:.1f} vs {prof['cnn_ms']:.1f} ms; the branch is {prof['branch_flop_share']:.1%} "
+              "of the trunk's forward FLOPs):")
+        for t in prof["top"]:
+            print(f"    {t['op']:<28} +{t['extra_ms']:.2f} ms ({t['cnds_ms']:.2f} vs {t['cnn_ms']:.2f})")
 
     print("3. speed options vs the plain fp32 step:")
     results["options"] = []
