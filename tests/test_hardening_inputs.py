@@ -377,7 +377,19 @@ def test_training_over_the_budget_refused_before_any_file(batch, budget_mib, tmp
     line = one_line(capsys.readouterr().err)
     assert code == 1 and line.startswith(f"{spec}: too large: needs about ")
     assert f"activations for a batch of {batch}" in line and "(--memory-budget)" in line
-    assert not any(out.glob("*.pt"))
+    assert not out.exists()  # the run folder this refused command created is not left behind, empty
+
+
+def test_a_refused_run_keeps_a_run_folder_it_did_not_create(tmp_path, capsys):
+    from cnds_compiler.train.cli import train_main
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    code = bounded(train_main, [str(SPECS / "digits_cnds8.cnds"), "--out", str(out), "--batch-size", "64",
+                                "--memory-budget", str(1 / 1024), "--no-progress"])
+    assert code == 1 and "too large" in one_line(capsys.readouterr().err)
+    assert (out / "notes.txt").read_text() == "mine" and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])

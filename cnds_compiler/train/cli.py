@@ -157,6 +157,17 @@ def _terminate_as_exit() -> None:
         signal.signal(signal.SIGTERM, stop)
 
 
+def _remove_if_empty(folder: Path | None) -> None:
+    """A run refused before it wrote anything (memory check, bad data, a bad checkpoint) leaves no empty
+    run folder behind; ``folder`` is the one this command created, if any."""
+    if folder is None:
+        return
+    try:
+        folder.rmdir()  # only succeeds when empty: nothing the run or anyone else wrote is touched
+    except OSError:
+        pass
+
+
 @command("cnds-train")
 def train_main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -170,7 +181,7 @@ def train_main(argv: list[str] | None = None) -> int:
 
     configure_threads()  # before torch is imported: OpenMP reads its settings once
     _terminate_as_exit()
-    trainer, out = None, None
+    trainer, out, created_out = None, None, None
     try:
         try:
             from ..frontend import compile_spec
@@ -183,6 +194,7 @@ def train_main(argv: list[str] | None = None) -> int:
                 "weight_decay": args.weight_decay, "optimizer": args.optimizer, "seed": args.seed,
             })
             out = Path(args.out) if args.out else Path("runs") / net.name
+            created_out = out if not out.exists() else None
             try:
                 out.mkdir(parents=True, exist_ok=True)
             except OSError as e:
@@ -209,6 +221,7 @@ def train_main(argv: list[str] | None = None) -> int:
             where = trainer.interruption() if trainer is not None else "before training started"
             raise Interrupted(where, path=str(out) if out is not None else None) from None
     except CndsError as e:
+        _remove_if_empty(created_out)
         return report(e, args.traceback)
     if history:
         last = history[-1]
