@@ -35,7 +35,7 @@ from typing import Any, Literal
 import torch
 
 from .errors import CheckpointError, CorruptCheckpointError
-from .io import atomic_write_bytes
+from .io import atomic_write_bytes, file_kind
 from .ir import Network
 
 FORMAT = "cnds-checkpoint"
@@ -141,7 +141,7 @@ def read_checkpoint_file(path: Path) -> Any:
     if stat.S_ISDIR(mode):
         raise CheckpointError("is a folder, not a checkpoint file", path=str(path))
     if not stat.S_ISREG(mode):  # a FIFO or a device would block or never end
-        raise CheckpointError("not a regular file, so not a checkpoint", path=str(path))
+        raise CheckpointError(f"not a regular file ({file_kind(mode)}), so not a checkpoint", path=str(path))
     if path.stat().st_size == 0:
         raise CorruptCheckpointError("checkpoint is empty (0 bytes): a write that never finished?", path=str(path))
     _check_magic(path)

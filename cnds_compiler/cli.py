@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .cli_args import seed_argument
+from .cli_args import gib_argument, seed_argument
 from .errors import CndsError, command, report
 from .lowering.deploy import PRECISIONS
 
@@ -54,7 +54,7 @@ class CompileCLI:
         onnx.add_argument("--val-size", type=int, default=10_000, metavar="N",
                           help="at most this many validation images (default 10000)")
         onnx.add_argument("--seed", type=seed_argument, default=0, help="initialisation seed without --weights (default 0)")
-        onnx.add_argument("--memory-budget", type=float, metavar="GiB", help="memory the network's parameters "
+        onnx.add_argument("--memory-budget", type=gib_argument, metavar="GiB", help="memory the network's parameters "
                           "may take (default: the RAM available now; env CNDS_MEMORY_BUDGET_GIB)")
         onnx.add_argument("--opset", type=int, default=17, choices=range(17, 21), metavar="{17..20}",
                           help="ai.onnx opset (default 17)")

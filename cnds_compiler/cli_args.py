@@ -3,18 +3,46 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from .ir import MAX_SEED
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def count_argument(minimum: int):
+    """An integer >= ``minimum`` (epochs, batch sizes, workers, steps)."""
+
+    def parse(text: str) -> int:
+        value = _integer(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
 
 
 def seed_argument(text: str) -> int:
     """``--seed``: an integer in the range a spec's ``seed`` takes (0 .. :data:`~cnds_compiler.ir.MAX_SEED`),
     so every RNG seeded from it (Python, numpy: below 2**32; torch) accepts it."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    value = _integer(text)
     if not 0 <= value <= MAX_SEED:
         shown = value if value.bit_length() <= 64 else f"a {len(str(abs(value)))}-digit number"
         raise argparse.ArgumentTypeError(f"must be in 0..{MAX_SEED}, got {shown}")
+    return value
+
+
+def gib_argument(text: str) -> float:
+    """``--memory-budget``: a positive, finite number of GiB."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of GiB: {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number of GiB, got {text}")
     return value

@@ -89,7 +89,7 @@ def read_bounded_text(path: str | Path, what: str, error: type, limit: int = MAX
     if stat.S_ISDIR(info.st_mode):
         problem = f"cannot read {what}: is a folder"
     elif not stat.S_ISREG(info.st_mode):
-        problem = f"cannot read {what}: not a regular file ({_file_kind(info.st_mode)})"
+        problem = f"cannot read {what}: not a regular file ({file_kind(info.st_mode)})"
     elif info.st_size > limit:
         problem = f"{what} is {info.st_size:,} bytes, over the limit of {limit:,}"
     if problem is not None:
@@ -108,7 +108,8 @@ def read_bounded_text(path: str | Path, what: str, error: type, limit: int = MAX
         raise error(f"cannot read {what}: not UTF-8 text (byte {e.start})", path=str(path)) from None
 
 
-def _file_kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, for messages: "a FIFO", "a socket", a device, …"""
     import stat
 
     for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),

@@ -10,13 +10,14 @@ process is killed by the OOM killer half-way through building it, not to predict
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 
-from .errors import MemoryBudgetError
+from .errors import ArgumentError, MemoryBudgetError
 from .ir import Network
 
 GIB = 1024**3
@@ -117,9 +118,11 @@ def budget_from_gib(gib_value: float | None) -> int | None:
         try:
             gib_value = float(text)
         except ValueError:
-            raise MemoryBudgetError(f"CNDS_MEMORY_BUDGET_GIB must be a number of GiB, got {text!r}") from None
-    if not gib_value > 0 or gib_value == float("inf"):
-        raise MemoryBudgetError(f"the memory budget must be a positive number of GiB, got {gib_value}")
+            gib_value = math.nan
+        if not (gib_value > 0 and math.isfinite(gib_value)):
+            raise ArgumentError(f"CNDS_MEMORY_BUDGET_GIB must be a positive number of GiB, got {text!r}")
+    if not (gib_value > 0 and math.isfinite(gib_value)):  # the flags' argparse type refuses these first
+        raise ArgumentError(f"the memory budget must be a positive number of GiB, got {gib_value}")
     return int(gib_value * GIB)
 
 

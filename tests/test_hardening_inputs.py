@@ -396,8 +396,22 @@ def test_a_refused_run_keeps_a_run_folder_it_did_not_create(tmp_path, capsys):
 def test_memory_budget_must_be_positive(value, tmp_path, capsys):
     from cnds_compiler.train.cli import train_main
 
-    code = train_main([str(SPECS / "digits_cnds8.cnds"), "--out", str(tmp_path / "r"), f"--memory-budget={value}"])
-    assert code == 1 and "memory budget must be a positive number" in one_line(capsys.readouterr().err)
+    with pytest.raises(SystemExit) as e:  # a usage error, before anything runs
+        train_main([str(SPECS / "digits_cnds8.cnds"), "--out", str(tmp_path / "r"), f"--memory-budget={value}"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and "--memory-budget: must be a positive number of GiB" in err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "lots"])
+def test_memory_budget_from_the_environment_must_be_positive(value, tmp_path, capsys, monkeypatch):
+    from cnds_compiler.train.cli import train_main
+
+    monkeypatch.setenv("CNDS_MEMORY_BUDGET_GIB", value)
+    code = train_main([str(SPECS / "digits_cnds8.cnds"), "--out", str(tmp_path / "r"), "--no-progress"])
+    line = one_line(capsys.readouterr().err)
+    assert code == 1 and "bad argument: CNDS_MEMORY_BUDGET_GIB must be a positive number of GiB" in line
+    assert not (tmp_path / "r").exists()
 
 
 # ---- images: folders with loops, FIFOs and devices named like images, decompression bombs ------------------

@@ -6,27 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..cli_args import seed_argument
+from ..cli_args import count_argument, gib_argument, seed_argument
 from ..errors import CndsError, Interrupted, OutputError, command, report
 from ..ir import MAX_SEED
 
 DATA_HELP = ("digits (scikit-learn's bundled 8x8 digits, offline), fashion-mnist[:DIR] (IDX .gz files; "
              "default /usr/share/datasets/fashion-mnist), imagefolder:DIR (DIR/train/<class>/..., DIR/val/<class>/...)")
-
-
-def _count(minimum: int):
-    """argparse type: an integer >= ``minimum`` (a usage error, exit 2, otherwise)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-
-    return parse
 
 
 def _precision(text: str) -> str:
@@ -49,14 +34,14 @@ def _fraction(text: str) -> float:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="digits", help=f"data source: {DATA_HELP} (default: digits)")
-    p.add_argument("--workers", type=_count(0), default=0, help="data-loader worker processes (default 0)")
+    p.add_argument("--workers", type=count_argument(0), default=0, help="data-loader worker processes (default 0)")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
     p.add_argument("--ten-crop", action="store_true", help="evaluate on 10 crops (corners, centre, mirrors)")
-    p.add_argument("--limit-val", type=_count(1), help="use only the first N validation examples")
+    p.add_argument("--limit-val", type=count_argument(1), help="use only the first N validation examples")
     p.add_argument("--val-split", type=_fraction, metavar="F",
                    help="hold out a seeded fraction F of the training set as the validation set; the source's "
                    "own val set is then not used (keep it as the test set: cnds-eval without --val-split)")
-    p.add_argument("--split-seed", type=_count(0), default=0, metavar="S",
+    p.add_argument("--split-seed", type=count_argument(0), default=0, metavar="S",
                    help="which samples --val-split holds out (default 0; independent of --seed)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is available")
     p.add_argument("--traceback", action="store_true", help="show Python tracebacks on errors")
@@ -74,11 +59,11 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--init-from", type=Path, help="copy every layer whose tensors all match by name and shape "
                    "from this checkpoint (whole layers or nothing)")
-    p.add_argument("--processes", type=_count(1), default=1, metavar="N",
+    p.add_argument("--processes", type=count_argument(1), default=1, metavar="N",
                    help="run N processes (DDP over gloo on CPU, NCCL on GPUs) through torchrun; the same as "
                    "`torchrun --nproc_per_node N -m cnds_compiler.train.cli ...` (default 1)")
-    p.add_argument("--epochs", type=_count(1), help="override the spec's epochs")
-    p.add_argument("--batch-size", type=_count(1), help="override the spec's (global) batch size")
+    p.add_argument("--epochs", type=count_argument(1), help="override the spec's epochs")
+    p.add_argument("--batch-size", type=count_argument(1), help="override the spec's (global) batch size")
     p.add_argument("--lr", type=float, help="override the spec's base learning rate")
     p.add_argument("--momentum", type=float, help="override the spec's momentum")
     p.add_argument("--weight-decay", type=float, help="override the spec's weight decay")
@@ -92,15 +77,15 @@ def _train_parser() -> argparse.ArgumentParser:
                    help="model and images in channels-last (NHWC) memory layout")
     p.add_argument("--compile", action="store_true", help="train through torch.compile of the training module "
                    "(the first step compiles: seconds to minutes; the time is printed)")
-    p.add_argument("--prefetch", type=_count(1), metavar="N",
+    p.add_argument("--prefetch", type=count_argument(1), metavar="N",
                    help="batches each loader worker prepares ahead (needs --workers; default 2)")
-    p.add_argument("--grad-accum", type=_count(1), default=1, help="gradient accumulation steps")
-    p.add_argument("--limit-train", type=_count(1), help="use only the first N training examples")
-    p.add_argument("--max-steps", type=_count(1), help="stop after N optimizer steps (smoke tests)")
-    p.add_argument("--grad-monitor", type=_count(0), default=0, metavar="N",
+    p.add_argument("--grad-accum", type=count_argument(1), default=1, help="gradient accumulation steps")
+    p.add_argument("--limit-train", type=count_argument(1), help="use only the first N training examples")
+    p.add_argument("--max-steps", type=count_argument(1), help="stop after N optimizer steps (smoke tests)")
+    p.add_argument("--grad-monitor", type=count_argument(0), default=0, metavar="N",
                    help="record every conv layer's mean |gradient| every N steps into gradients.json")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--memory-budget", type=float, metavar="GiB",
+    p.add_argument("--memory-budget", type=gib_argument, metavar="GiB",
                    help="memory the training may use, checked against an estimate before anything is allocated "
                    "(default: the GPU's free memory, else the RAM available now; env CNDS_MEMORY_BUDGET_GIB)")
     _common(p)
@@ -236,7 +221,7 @@ def eval_main(argv: list[str] | None = None) -> int:
                                 "for the main head and every supervision branch.")
     p.add_argument("spec", help="the .cnds spec the checkpoint was trained from")
     p.add_argument("checkpoint", help="a checkpoint (last.pt / best.pt)")
-    p.add_argument("--batch-size", type=_count(1), default=256)
+    p.add_argument("--batch-size", type=count_argument(1), default=256)
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     p.add_argument("--per-class", action="store_true", help="also the main head's top-1 error per class")
     _common(p)
