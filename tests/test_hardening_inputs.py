@@ -392,6 +392,25 @@ def test_a_refused_run_keeps_a_run_folder_it_did_not_create(tmp_path, capsys):
     assert (out / "notes.txt").read_text() == "mine" and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
+
+@pytest.mark.parametrize("args,message", [
+    (["--val-split", "0.9999"], "leaves no training sample"),
+    (["--val-split", "0.00001"], "leaves no validation sample"),
+    (["--limit-train", "1"], "fewer than one batch"),
+    (["--prefetch", "2"], "--prefetch needs loader worker processes"),
+    (["--data", "imagefolder:/nonexistent/cnds"], "/nonexistent/cnds"),
+], ids=["split-all", "split-none", "tiny-train", "prefetch-no-workers", "missing-folder"])
+def test_a_refused_run_leaves_no_run_folder(args, message, tmp_path, capsys):
+    """Every check that can refuse a run comes before its first write, so the folder it made is removed."""
+    from cnds_compiler.train.cli import train_main
+
+    out = tmp_path / "new" / "run"
+    argv = [str(SPECS / "digits_cnds8.cnds"), "--data", "digits", "--out", str(out), "--epochs", "1", "--no-progress"]
+    code = bounded(train_main, argv + args)
+    line = one_line(capsys.readouterr().err)
+    assert code == 1 and message in line
+    assert not out.exists()
+
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
 def test_memory_budget_must_be_positive(value, tmp_path, capsys):
     from cnds_compiler.train.cli import train_main

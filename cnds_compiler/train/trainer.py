@@ -476,18 +476,26 @@ class Trainer:
             limit_train=self.opts.limit_train, limit_val=self.opts.limit_val, seed=self.cfg.seed,
             val_split=self.opts.val_split, split_seed=self.opts.split_seed,
         )
-        if self.acc.is_main_process:  # what the per-epoch validation numbers were measured on
-            atomic_write_text(self.out / "data.json", json.dumps({
-                "source": self.opts.data, "description": self.data.description,
-                "train_examples": len(self.data.train), "val_examples": len(self.data.val),
-                "val_split": self.opts.val_split, "split_seed": self.opts.split_seed if self.opts.val_split else None,
-                "limit_train": self.opts.limit_train, "limit_val": self.opts.limit_val,
-            }, indent=1) + "\n")
         global_micro = self.micro_batch * self.acc.num_processes
         if len(self.data.train) < global_micro * self.opts.grad_accum:
             raise TrainingError(
                 f"the training set has {len(self.data.train)} examples, fewer than one batch of {self.cfg.batch}"
             )
+
+    def _write_run_description(self) -> None:
+        """The run folder's description of the network and the data, written once every check that can
+        refuse the run has passed, so a refused run leaves nothing behind."""
+        if not self.acc.is_main_process:
+            return
+        if not self.opts.resume:
+            atomic_write_text(self.out / "network.ir.json", dumps(self.net))
+        # what the per-epoch validation numbers were measured on
+        atomic_write_text(self.out / "data.json", json.dumps({
+            "source": self.opts.data, "description": self.data.description,
+            "train_examples": len(self.data.train), "val_examples": len(self.data.val),
+            "val_split": self.opts.val_split, "split_seed": self.opts.split_seed if self.opts.val_split else None,
+            "limit_train": self.opts.limit_train, "limit_val": self.opts.limit_val,
+        }, indent=1) + "\n")
 
     def _train_loader(self, epoch: int):
         from ..data import make_loader
@@ -637,10 +645,9 @@ class Trainer:
         if self.acc.is_main_process:
             for stale in self.out.glob(".*.tmp"):  # a write killed half-way; the real file is intact
                 stale.unlink(missing_ok=True)
-        if self.acc.is_main_process and not self.opts.resume:
-            atomic_write_text(self.out / "network.ir.json", dumps(self.net))
         self._load_data()
         self._build()
+        self._write_run_description()
         if self.tensorboard:
             self.acc.init_trackers("tensorboard", config={k: v for k, v in flatten_metrics(asdict(self.cfg)).items()
                                                           if isinstance(v, (int, float, str, bool))})
