@@ -148,7 +148,8 @@ def test_the_lock_is_released_when_a_run_fails(tmp_path, net, quick):
 def test_lock_is_exclusive_within_one_host(tmp_path):
     notes = []
     with RunLock(tmp_path, note=notes.append):
-        assert (tmp_path / LOCK_NAME).read_text().split() == [str(os.getpid()), socket.gethostname()]
+        pid, host, start = (tmp_path / LOCK_NAME).read_text().split()
+        assert [pid, host] == [str(os.getpid()), socket.gethostname()] and start == rundir._start_time(os.getpid())
         with pytest.raises(RunLockedError, match=f"pid {os.getpid()}"):
             RunLock(tmp_path).acquire()
     assert not (tmp_path / LOCK_NAME).exists() and not notes
@@ -156,6 +157,32 @@ def test_lock_is_exclusive_within_one_host(tmp_path):
     with RunLock(tmp_path, note=notes.append):
         pass
     assert len(notes) == 1 and not list(tmp_path.iterdir())
+
+
+def test_a_lock_whose_pid_now_belongs_to_a_later_process_is_stale(tmp_path):
+    """A restarted container's training gets the same small pid as the killed one: the recorded start time
+    tells the two apart, while the real holder (same pid, same start time) still refuses."""
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        start = rundir._start_time(holder.pid)
+        assert start is not None and start.isdigit()
+        lock = tmp_path / LOCK_NAME
+        lock.write_text(f"{holder.pid} {socket.gethostname()} {start}\n")
+        with pytest.raises(RunLockedError, match=f"pid {holder.pid}"):
+            RunLock(tmp_path).acquire()
+        assert lock.read_text() == f"{holder.pid} {socket.gethostname()} {start}\n"
+        lock.write_text(f"{holder.pid} {socket.gethostname()} {int(start) - 1}\n")  # an earlier process's
+        notes = []
+        with RunLock(tmp_path, note=notes.append):
+            assert lock.read_text().split()[0] == str(os.getpid())
+        assert len(notes) == 1 and f"process {holder.pid}, which is no longer running (the pid now" in notes[0]
+        assert not lock.exists()
+        lock.write_text(f"{os.getpid()} {socket.gethostname()} -\n")  # start time unknown: the pid decides
+        with pytest.raises(RunLockedError, match=f"pid {os.getpid()}"):
+            RunLock(tmp_path).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 # ---- family 2: a kill at any point of an epoch's writes, then --resume ------------------------------------

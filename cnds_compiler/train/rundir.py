@@ -41,12 +41,15 @@ LOCK_NAME = "train.lock"
 
 
 class RunLock:
-    """``DIR/train.lock`` holding ``pid host``, so two trainings never write the same run folder. It is
+    """``DIR/train.lock`` holding ``pid host start``, so two trainings never write the same run folder. It is
     created whole or not at all: written to a temp file made with ``O_EXCL``, then hard-linked to its name,
     which fails when the name exists (the classic lock recipe that also holds on NFS, and no one ever
-    reads a half-written lock). A lock whose process is gone (same host, pid not alive: a SIGKILLed run) is stale and
-    taken over with a note; a live one, or one from another host (whose pid cannot be checked here), is a
-    :class:`RunLockedError` naming the holder. Use as a context manager: released on every way out."""
+    reads a half-written lock). A lock whose process is gone (same host, pid not alive: a SIGKILLed run) is
+    stale and taken over with a note. ``start`` is the holder's start time (``/proc/PID/stat``, clock ticks
+    since boot; ``-`` where unknown): a pid that now belongs to another process started at another time —
+    a restarted container's training gets the same small pid as the killed one — is stale too. A live
+    lock, or one from another host (whose pid cannot be checked here), is a :class:`RunLockedError`
+    naming the holder. Use as a context manager: released on every way out."""
 
     def __init__(self, folder: Path, note=print) -> None:
         self.path = Path(folder) / LOCK_NAME
@@ -61,7 +64,7 @@ class RunLock:
         self.release()
 
     def acquire(self) -> None:
-        me = f"{os.getpid()} {socket.gethostname()}\n"
+        me = f"{os.getpid()} {socket.gethostname()} {_start_time(os.getpid()) or '-'}\n"
         mine = self.path.with_name(f".{LOCK_NAME}.{os.getpid()}.new")  # not *.tmp: a run deletes those
         try:
             fd = os.open(mine, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -82,8 +85,8 @@ class RunLock:
                 holder = self._read()
                 if holder is None:
                     continue  # released just now
-                pid, host = holder
-                if host != socket.gethostname() or _alive(pid):
+                pid, host, start = holder
+                if host != socket.gethostname() or _alive(pid, start):
                     where = "" if host == socket.gethostname() else f" on host {host}"
                     raise RunLockedError(
                         f"another cnds-train (pid {pid}{where}) is training into this folder; wait for it to "
@@ -97,7 +100,9 @@ class RunLock:
         raise RunLockedError("the run lock keeps changing hands; is another cnds-train starting here?",
                              path=str(self.path.parent))
 
-    def _read(self) -> tuple[int, str] | None:
+    def _read(self) -> tuple[int, str, str | None] | None:
+        """(pid, host, start time or None), or None when the lock is gone; locks written before the start
+        time was recorded have two fields."""
         try:
             text = self.path.read_text()
         except FileNotFoundError:
@@ -105,10 +110,11 @@ class RunLock:
         except OSError:
             text = ""
         parts = text.split()
-        if len(parts) == 2 and parts[0].isdigit():
-            return int(parts[0]), parts[1]
+        if len(parts) in (2, 3) and parts[0].isdigit():
+            start = parts[2] if len(parts) == 3 and parts[2] != "-" else None
+            return int(parts[0]), parts[1], start
         # not a lock this code writes (locks appear whole): a stray file, taken over as a dead holder's
-        return 0, socket.gethostname()
+        return 0, socket.gethostname(), None
 
     def _break_stale(self, pid: int) -> None:
         """Move the dead holder's lock aside under a name only we use, then check it really was that one
@@ -121,13 +127,19 @@ class RunLock:
             return
         text = aside.read_text(errors="replace").split()
         moved_pid = int(text[0]) if text and text[0].isdigit() else 0
-        if moved_pid != pid and _alive(moved_pid):
+        moved_start = text[2] if len(text) == 3 and text[2] != "-" else None
+        if moved_pid != pid and _alive(moved_pid, moved_start):
             try:
                 os.link(aside, self.path)  # fails if yet another lock appeared: then that one stands
             except OSError:
                 pass
         else:
-            holder = f"of process {pid}, which is no longer running" if pid else "whose holder it does not name"
+            if not pid:
+                holder = "whose holder it does not name"
+            elif _alive(pid):  # the pid runs, but _take found it is not the process that wrote the lock
+                holder = f"of process {pid}, which is no longer running (the pid now belongs to a later process)"
+            else:
+                holder = f"of process {pid}, which is no longer running"
             self.note(f"note: took over the stale run lock {holder} ({self.path})")
         aside.unlink(missing_ok=True)
 
@@ -137,7 +149,20 @@ class RunLock:
             self.path.unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
+def _start_time(pid: int) -> str | None:
+    """Process ``pid``'s start time in clock ticks since boot (field 22 of ``/proc/PID/stat``), or None
+    where there is no such file (not Linux, or no such process)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()  # the command name, in parentheses, may hold spaces
+    return fields[19] if len(fields) > 19 else None
+
+
+def _alive(pid: int, start: str | None = None) -> bool:
+    """Whether process ``pid`` runs — and, when the lock recorded its start time, is still the same
+    process (not a later one that was given the same pid)."""
     if pid <= 0:
         return False
     try:
@@ -145,8 +170,9 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by someone else
-        return True
-    return True
+        pass
+    now = _start_time(pid) if start is not None else None
+    return now is None or now == start
 
 
 # ---- writing an epoch ------------------------------------------------------------------------------------
