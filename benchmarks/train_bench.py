@@ -11,7 +11,10 @@
 4. images/s of the imagefolder loader (JPEG decode + crop + mirror in worker processes) against the
    227² CNDS-8's training rate.
 
-    python -m benchmarks.train_bench [--quick] [--no-compile] [--threads N] [--json out.json]
+    python -m benchmarks.train_bench [--quick] [--no-compile] [--threads N] [--only 1,2,3,4] [--json out.json]
+
+Freed memory is kept for reuse as under cnds-train (``CNDS_ALLOCATOR``; ``benchmarks/alloc_bench.py``
+measures that setting's own effect).
 
 The step functions take a device, so ``benchmarks/train_gpu.py`` reuses them on a GPU.
 """
@@ -28,12 +31,16 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-import torch
+from cnds_compiler.threads import configure_allocator
 
-from cnds_compiler import compile_spec
-from cnds_compiler.backends.pytorch import build_module
-from cnds_compiler.train.loss import alphas, deep_supervision_loss
-from cnds_compiler.train.trainer import make_optimizer
+ALLOCATOR = configure_allocator()  # as cnds-train does, before torch allocates anything
+
+import torch  # noqa: E402
+
+from cnds_compiler import compile_spec  # noqa: E402
+from cnds_compiler.backends.pytorch import build_module  # noqa: E402
+from cnds_compiler.train.loss import alphas, deep_supervision_loss  # noqa: E402
+from cnds_compiler.train.trainer import make_optimizer  # noqa: E402
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 CPU = torch.device("cpu")
@@ -124,7 +131,9 @@ def branch_cost(pairs, rounds: int, device: torch.device = CPU) -> list[dict]:
         if device.type == "cpu":
             fns["cnds_loop"] = stepper(a, batch, device, update={"foreach": False})
             fns["cnn_loop"] = stepper(b, batch, device, update={"foreach": False})
-        t = interleaved(fns, rounds, device)
+        # two warm-up rounds: with memory kept for reuse, the heap of four 227² models in one process still
+        # grows (and faults) through the second step (alloc_bench; RESULTS.md)
+        t = interleaved(fns, rounds, device, warmup=2)
         res = {"cnds": a, "cnn": b, "batch": batch, "rounds": rounds, "cnds_ms": t["cnds"] * 1e3,
                "cnn_ms": t["cnn"] * 1e3, "ratio": t["cnds"] / t["cnn"]}
         if "cnds_loop" in t:
@@ -310,28 +319,45 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="fewer rounds (smoke run)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile options")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--only", default="1,2,3,4", help="comma list of the parts to run (default: all)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
+    parts = {int(x) for x in args.only.split(",")}
     torch.set_num_threads(args.threads)
     rounds = 3 if args.quick else 9
-    results: dict = {"threads": args.threads, "torch": torch.__version__}
-    print(f"torch {torch.__version__}, {args.threads} threads, {rounds} interleaved rounds, medians")
+    results: dict = {"threads": args.threads, "torch": torch.__version__, "allocator": ALLOCATOR}
+    print(f"torch {torch.__version__}, {args.threads} threads, {rounds} interleaved rounds, medians; {ALLOCATOR}")
+    if 1 in parts:
+        trainer_part(results, rounds, args.quick)
+    if 2 in parts:
+        branch_part(results, rounds, args.quick)
+    if 3 in parts or 4 in parts:  # the loader is compared with part 3's training rates
+        options_part(results, rounds, args.no_compile)
+    if 4 in parts:
+        loader_part(results, args.quick)
+    print(json.dumps(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
 
+
+def trainer_part(results: dict, rounds: int, quick: bool) -> None:
     print("1. trainer epoch loop vs a minimal hand-written loop (same net, optimiser, loss, batch), per step:")
     results["trainer_vs_hand"] = []
-    for spec, batch, steps in (("digits_cnds8.cnds", 64, 22), ("fmnist_cnds8.cnds", 128, 8 if args.quick else 16),
-                               ("imagenet_cnds8.cnds", 4, 2 if args.quick else 3)):
+    for spec, batch, steps in (("digits_cnds8.cnds", 64, 22), ("fmnist_cnds8.cnds", 128, 8 if quick else 16),
+                               ("imagenet_cnds8.cnds", 4, 2 if quick else 3)):
         r = trainer_vs_hand(spec, batch, steps, rounds if "imagenet" not in spec else max(3, rounds // 2))
         results["trainer_vs_hand"].append(r)
         print(f"  {spec:<22} trainer {r['trainer_ms']:8.2f} ms  hand {r['hand_ms']:8.2f} ms  (batch {batch}, "
               f"{steps} steps x {r['rounds']} rounds)  ratio {r['ratio']:.3f}  (goal <= 1.03); CPU time "
               f"{r['trainer_cpu_ms']:.2f} vs {r['hand_cpu_ms']:.2f} ms, ratio {r['cpu_ratio']:.3f}")
 
+
+def branch_part(results: dict, rounds: int, quick: bool) -> None:
     print("2. training step, CNDS-8 (branch on) vs CNN-8 (same trunk, no branch):")
     pairs = (("fmnist_cnds8.cnds", "fmnist_cnn8.cnds", 128), ("digits_cnds8.cnds", "digits_cnn8.cnds", 64))
     results["branch"] = branch_cost(pairs, rounds * 2)
     results["branch"] += branch_cost((("imagenet_cnds8.cnds", "imagenet_cnn8.cnds", 4),), max(3, rounds // 2))
-    if not args.quick:  # batch 4 is dominated by the fc layers' weight traffic; 16 is nearer real use
+    if not quick:  # batch 4 is dominated by the fc layers' weight traffic; 16 is nearer real use
         results["branch"] += branch_cost((("imagenet_cnds8.cnds", "imagenet_cnn8.cnds", 16),), 3)
     for r in results["branch"]:
         loop = (f"; per-tensor optimiser loop {r['ratio_per_tensor_loop']:.3f}, fused/loop step "
@@ -348,19 +374,23 @@ def main() -> None:
         for t in prof["top"]:
             print(f"    {t['op']:<28} +{t['extra_ms']:.2f} ms ({t['cnds_ms']:.2f} vs {t['cnn_ms']:.2f})")
 
+
+def options_part(results: dict, rounds: int, no_compile: bool) -> None:
     print("3. speed options vs the plain fp32 step:")
     results["options"] = []
     for spec, batch, r_ in (("fmnist_cnds8.cnds", 128, rounds), ("imagenet_cnds8.cnds", 4, max(3, rounds // 3))):
         opts = tuple(OPTIONS) if "fmnist" in spec else ("channels_last", "bf16", "bf16+channels_last")
-        res = speed_options(spec, batch, r_, compile=not args.no_compile, options=opts)
+        res = speed_options(spec, batch, r_, compile=not no_compile, options=opts)
         results["options"].append(res)
         line = ", ".join(f"{k} {v:.3f}x" for k, v in res["ratio_to_plain"].items())
         comp = ", ".join(f"{k} {v:.1f} s" for k, v in res["compile_seconds"].items())
         print(f"  {spec} batch {batch}: plain {res['ms']['plain']:.1f} ms; step time / plain: {line}"
               + (f"; first compiled step (compilation): {comp}" if comp else ""))
 
+
+def loader_part(results: dict, quick: bool) -> None:
     print("4. imagefolder loader vs CNDS-8 227x227 training:")
-    images = 64 if args.quick else 192
+    images = 64 if quick else 192
     rates = {f"workers {w}" + (f", prefetch {pf}" if pf else ""): loader_rate(8, w, images, pf)
              for w, pf in ((0, None), (2, None), (2, 4))}
     train = next(r for r in results["options"] if "imagenet" in r["spec"])["images_per_s"]
@@ -369,9 +399,6 @@ def main() -> None:
     for k, v in rates.items():
         print(f"  loader ({k}): {v:.0f} img/s = {v / best:.1f}x the fastest training rate measured above "
               f"({best:.1f} img/s; plain fp32 {train['plain']:.1f} img/s)")
-    print(json.dumps(results))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""CPU threads for the commands that run torch: fast on a quiet machine, no collapse on a busy one.
+"""CPU threads and memory reuse for the commands that run torch: fast on a quiet machine, no collapse on
+a busy one, no page fault per 4 KiB of every fresh gradient.
 
 PyTorch's OpenMP threads spin while they wait for work. On an idle machine that is the fastest choice;
 when other processes want the same cores, the spinning threads take turns with them and a small net's
@@ -65,3 +66,49 @@ def configure_threads(env: dict | None = None) -> str:
     env["OMP_NUM_THREADS"] = str(threads)
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return f"threads: {threads}, passive waiting ({busy:.1f} cores busy with other work)"
+
+
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's <malloc.h>
+MALLOC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")
+
+
+def _glibc_mallopt():
+    """glibc's ``mallopt``, or None elsewhere (musl, macOS, Windows)."""
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return None
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt
+
+
+def configure_allocator(env: dict | None = None, mallopt=None) -> str:
+    """Keep freed memory in the process for reuse (glibc: no ``mmap`` for large blocks, no trimming)
+    unless ``CNDS_ALLOCATOR=system`` or the user set glibc's own ``MALLOC_*_`` variables.
+
+    A training step frees and allocates every gradient and large activation again
+    (``zero_grad(set_to_none=True)``, autograd's buffers). glibc serves blocks above its mmap threshold
+    (at most 32 MiB) with fresh pages and unmaps them on free, so each step pays one page fault per 4 KiB
+    of them — over 75,000 for the 227² CNDS-8's gradients at batch 16 — and which of the two models in a
+    comparison pays more depends on its block sizes. Served from the heap and never trimmed, the same
+    memory is reused from the second step on (``benchmarks/alloc_bench.py``; RESULTS.md). The heap then
+    stays at the run's peak, which a training run reaches in its first step anyway. Returns what was done.
+    """
+    env = os.environ if env is None else env
+    choice = env.get("CNDS_ALLOCATOR", "reuse").strip().lower()
+    if choice == "system":
+        return "memory: the system allocator's defaults (CNDS_ALLOCATOR=system)"
+    if any(k in env for k in MALLOC_ENV) or "glibc.malloc" in env.get("GLIBC_TUNABLES", ""):
+        return "memory: malloc settings as set"
+    mallopt = _glibc_mallopt() if mallopt is None else mallopt
+    if mallopt is None:
+        return "memory: the system allocator's defaults (not glibc)"
+    if mallopt(M_MMAP_MAX, 0) != 1 or mallopt(M_TRIM_THRESHOLD, 2**31 - 1) != 1:
+        return "memory: the system allocator's defaults (mallopt refused)"
+    return "memory: freed blocks kept for reuse"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -89,6 +90,71 @@ def test_thread_choice(monkeypatch):
     threads.configure_threads(env)
     assert env["OMP_NUM_THREADS"] == "3"
     assert threads.busy_cores(0.01) is not None  # /proc/stat is readable here
+
+
+def test_allocator_choice():
+    from cnds_compiler import threads
+
+    calls = []
+
+    def mallopt(param, value):
+        calls.append((param, value))
+        return 1
+
+    assert threads.configure_allocator({}, mallopt) == "memory: freed blocks kept for reuse"
+    assert calls == [(threads.M_MMAP_MAX, 0), (threads.M_TRIM_THRESHOLD, 2**31 - 1)]
+    calls.clear()
+    for env in ({"CNDS_ALLOCATOR": "system"}, {"MALLOC_TRIM_THRESHOLD_": "0"},
+                {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0"}):
+        assert "reuse" not in threads.configure_allocator(dict(env), mallopt) and not calls, env  # the user's choice
+    assert "refused" in threads.configure_allocator({}, lambda param, value: 0)
+
+
+REUSE_PROBE = """
+import resource
+from cnds_compiler.threads import configure_allocator
+print(configure_allocator())
+import torch
+import torch.nn.functional as F
+from cnds_compiler import compile_spec
+from cnds_compiler.backends.pytorch import build_module
+from cnds_compiler.train.trainer import make_optimizer
+torch.set_num_threads(1)
+net = compile_spec("specs/fmnist_cnn8.cnds")
+model = build_module(net, seed=0).train()
+opt = make_optimizer(model, net.train, None)
+x, y = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
+faults = []
+for step in range(6):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    F.cross_entropy(model(x).logits, y).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(*faults)
+"""
+
+
+@pytest.mark.skipif(not __import__("platform").libc_ver()[0] == "glibc", reason="the reuse setting is glibc's mallopt")
+def test_training_steps_reuse_memory_instead_of_faulting_it_in_again():
+    """Real page faults of real training steps (Fashion-MNIST CNN-8, batch 128: activations of up to 6 MiB):
+    with the system's defaults every step faults its large blocks in again; with cnds' setting the steps
+    after the first three reuse them."""
+    import os
+    import subprocess
+    import sys
+
+    def faults(allocator: str) -> tuple[str, list[int]]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | {"CNDS_ALLOCATOR": allocator}
+        said, counts = subprocess.run([sys.executable, "-c", REUSE_PROBE], capture_output=True, text=True, env=env,
+                                      check=True, cwd=ROOT).stdout.strip().splitlines()[-2:]
+        return said, [int(n) for n in counts.split()]
+
+    said, system = faults("system")
+    assert "system" in said and min(system[3:]) >= 1_000, system
+    said, reuse = faults("reuse")
+    assert said == "memory: freed blocks kept for reuse"
+    assert max(reuse[3:]) < min(system[3:]) / 10, (reuse, system)
 
 
 def test_grammar_cache_is_rebuilt_when_the_grammar_changes(tmp_path):

@@ -162,9 +162,10 @@ def train_main(argv: list[str] | None = None) -> int:
     if args.processes > 1 and "WORLD_SIZE" not in os.environ:
         return _relaunch(argv, args.processes)
     _warn_single_process_launch()
-    from ..threads import configure_threads
+    from ..threads import configure_allocator, configure_threads
 
     configure_threads()  # before torch is imported: OpenMP reads its settings once
+    configure_allocator()  # freed memory kept for reuse, set before torch allocates
     _terminate_as_exit()
     trainer, out, created_out = None, None, None
     try:
@@ -226,9 +227,10 @@ def eval_main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-class", action="store_true", help="also the main head's top-1 error per class")
     _common(p)
     args = p.parse_args(argv)
-    from ..threads import configure_threads
+    from ..threads import configure_allocator, configure_threads
 
     configure_threads()
+    configure_allocator()
     try:
         import torch
 
