@@ -9,6 +9,7 @@ digest; a fuzz test of the loader with over a thousand mutated files.
 """
 
 import copy
+import csv
 import io
 import json
 import os
@@ -183,6 +184,21 @@ def test_a_lock_whose_pid_now_belongs_to_a_later_process_is_stale(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_metrics_csv_holds_every_finished_epoch_while_the_run_goes_on(tmp_path, net, quick):
+    """A kill between epochs leaves a table of the finished epochs (read as each epoch's callback runs)."""
+    seen = []
+
+    def read_csv(metrics) -> None:
+        with open(tmp_path / "metrics.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        seen.append([(int(r["epoch"]), float(r["val_top1_error/main"])) for r in rows])
+
+    opts = RunOptions(data="digits", out_dir=tmp_path, cpu=True, progress=False, callbacks=(read_csv,), **LIMITS)
+    history = Trainer(net, effective_config(net, {"epochs": 3}), opts).run()
+    table = [(m["epoch"], m["val_top1_error"]["main"]) for m in history]
+    assert seen == [table[:1], table[:2], table[:3]]
 
 
 # ---- family 2: a kill at any point of an epoch's writes, then --resume ------------------------------------

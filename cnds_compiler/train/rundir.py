@@ -7,8 +7,9 @@ Files and the order an epoch writes them (each write atomic: temp file, fsync, r
 1. ``last.pt``       the commit point: it holds the epoch count, the whole metrics history and the best
                      validation error so far; everything below can be rebuilt from it
 2. ``best.pt``       when this epoch is the best: the same bytes as ``last.pt``
-3. ``metrics.jsonl`` one line appended (not atomic: a kill can tear the line)
-4. ``metrics.csv``, ``curves.png``, ``gradients.json`` at the end of a run, all from ``last.pt``'s history
+3. ``metrics.jsonl`` one line appended (not atomic: a kill can tear the line); then ``metrics.csv``
+                     rewritten whole from the history (atomic)
+4. ``curves.png``, ``gradients.json`` at the end of a run, from ``last.pt``'s history
 
 A kill before 1 leaves the previous epoch's files, all consistent (a half-written temp file is deleted on
 the next start). A kill between 1 and 2 leaves ``best.pt`` one best epoch behind: ``last.pt`` says its own

@@ -865,11 +865,12 @@ class Trainer:
         print(f"epoch {m.epoch}/{self.cfg.epochs}: lr {m.lr:.4g} {alpha} | train loss {losses} | "
               f"val top-1/top-5 error % {heads} | {m.images_per_s:.0f} img/s{skipped}", flush=True)
         append_metrics(self.out, asdict(m))
+        self._write_csv()  # whole each epoch: a spreadsheet open on a long run sees every finished epoch
         if self.tensorboard:
             self.acc.log({k: v for k, v in flatten_metrics(asdict(m)).items() if isinstance(v, (int, float))},
                          step=m.epoch)
 
-    def _write_logs(self) -> None:
+    def _write_csv(self) -> None:
         rows = [flatten_metrics(m) for m in self.history]
         if rows:
             keys = sorted({k for r in rows for k in r}, key=lambda k: (k != "epoch", k))
@@ -878,6 +879,10 @@ class Trainer:
             w.writeheader()
             w.writerows(rows)
             atomic_write_text(self.out / "metrics.csv", text.getvalue())
+
+    def _write_logs(self) -> None:
+        self._write_csv()  # a resumed run that had no epoch left still gets its table
+        if self.history:
             from .plots import plot_curves
 
             plot_curves(self.history, self.out / "curves.png", title=self.net.name)
