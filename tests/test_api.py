@@ -157,6 +157,23 @@ def test_training_steps_reuse_memory_instead_of_faulting_it_in_again():
     assert max(reuse[3:]) < min(system[3:]) / 10, (reuse, system)
 
 
+def test_train_help_lists_every_environment_variable_cnds_reads(capsys):
+    """Every ``CNDS_*`` name in the compiler's and the runtime's source is explained by ``cnds-train --help``
+    (and the ones cnds-eval reads by its help): a variable added later cannot be left out."""
+    from cnds_compiler.train.cli import eval_main, train_main
+
+    names = set()
+    for folder in (ROOT / "cnds_compiler", ROOT / "runtime" / "cnds_runtime"):
+        for path in folder.rglob("*.py"):
+            names |= set(re.findall(r"\"(CNDS_[A-Z_]+)\"", path.read_text(encoding="utf-8")))
+    assert {"CNDS_THREADS", "CNDS_ALLOCATOR", "CNDS_MAX_IMAGE_PIXELS", "CNDS_MEMORY_BUDGET_GIB"} <= names
+    for main, expected in ((train_main, names), (eval_main, names - {"CNDS_MEMORY_BUDGET_GIB"})):
+        with pytest.raises(SystemExit):
+            main(["--help"])
+        text = capsys.readouterr().out
+        assert all(f"{name}=" in text for name in expected), (main.__name__, expected)
+
+
 def test_grammar_cache_is_rebuilt_when_the_grammar_changes(tmp_path):
     from lark import Lark
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from pathlib import Path
 
 from ..cli_args import count_argument, gib_argument, seed_argument
@@ -32,6 +33,15 @@ def _fraction(text: str) -> float:
     return value
 
 
+ENVIRONMENT = """environment:
+  CNDS_THREADS=N|torch|auto  CPU threads (default auto: one per free core, read before torch starts)
+  CNDS_ALLOCATOR=system      keep glibc's defaults instead of reusing freed memory between steps
+  CNDS_MAX_IMAGE_PIXELS=N    largest image decoded (default 89,478,485 pixels; larger ones are refused)
+"""
+TRAIN_ENVIRONMENT = ENVIRONMENT + """  CNDS_MEMORY_BUDGET_GIB=G   memory the run may use, as --memory-budget
+"""
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="digits", help=f"data source: {DATA_HELP} (default: digits)")
     p.add_argument("--workers", type=count_argument(0), default=0, help="data-loader worker processes (default 0)")
@@ -50,9 +60,11 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cnds-train",
-        description="Train a .cnds network with deep supervision: L = L0 + sum_b alpha_t^(b) L_b (eq. 1), "
-        "alpha per the spec's schedule (eq. 2: alpha_0 (1 - t/N)). Runs as a plain command or under "
-        "`accelerate launch` / `torchrun` with no change.",
+        description=textwrap.fill(
+            "Train a .cnds network with deep supervision: L = L0 + sum_b alpha_t^(b) L_b (eq. 1), alpha per "
+            "the spec's schedule (eq. 2: alpha_0 (1 - t/N)). Runs as a plain command or under "
+            "`accelerate launch` / `torchrun` with no change."),  # filled here: the raw formatter keeps the epilog's table
+        epilog=TRAIN_ENVIRONMENT, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("spec", help="the .cnds spec to train")
     p.add_argument("--out", default=None, help="run directory for checkpoints and logs (default: runs/<network>)")
@@ -218,8 +230,10 @@ def train_main(argv: list[str] | None = None) -> int:
 
 @command("cnds-eval")
 def eval_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="cnds-eval", description="Top-1/top-5 error of a checkpoint, "
-                                "for the main head and every supervision branch.")
+    p = argparse.ArgumentParser(prog="cnds-eval", description=textwrap.fill(
+                                "Top-1/top-5 error of a checkpoint, for the main head and every supervision "
+                                "branch."), epilog=ENVIRONMENT,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("spec", help="the .cnds spec the checkpoint was trained from")
     p.add_argument("checkpoint", help="a checkpoint (last.pt / best.pt)")
     p.add_argument("--batch-size", type=count_argument(1), default=256)
