@@ -31,6 +31,7 @@ from cnds_compiler import compile_spec
 from cnds_compiler.checkpoint import checkpoint_bytes, content_digest, load_checkpoint, save_checkpoint
 from cnds_compiler.errors import CheckpointError, CorruptCheckpointError, RunLockedError
 from cnds_compiler.train import rundir
+from cnds_compiler.train.plots import plot_curves as draw_curves  # the real one: `quick` stubs it out
 from cnds_compiler.train.rundir import LOCK_NAME, RunLock
 from cnds_compiler.train.trainer import RunOptions, Trainer, effective_config, restore_training_state
 
@@ -199,6 +200,29 @@ def test_metrics_csv_holds_every_finished_epoch_while_the_run_goes_on(tmp_path, 
     history = Trainer(net, effective_config(net, {"epochs": 3}), opts).run()
     table = [(m["epoch"], m["val_top1_error"]["main"]) for m in history]
     assert seen == [table[:1], table[:2], table[:3]]
+
+
+def test_curves_are_redrawn_while_a_long_run_goes_on(tmp_path, net, quick, monkeypatch):
+    """curves.png is redrawn after an epoch once ``curves_every`` seconds have passed (a long run shows its
+    curves as it goes) and always at the end; a short run draws it once."""
+    drawn, seen = [], []
+
+    def record(history, out, title=""):
+        drawn.append(len(history))
+        draw_curves(history, out, title)
+
+    monkeypatch.setattr("cnds_compiler.train.plots.plot_curves", record)
+    for every, folder in ((0.0, tmp_path / "long"), (60.0, tmp_path / "short")):
+        drawn.clear()
+        seen.clear()
+        opts = RunOptions(data="digits", out_dir=folder, cpu=True, progress=False, curves_every=every,
+                          callbacks=(lambda m, f=folder: seen.append((f / "curves.png").exists()),), **LIMITS)
+        Trainer(net, effective_config(net, {"epochs": 3}), opts).run()
+        assert (folder / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        if every == 0.0:
+            assert drawn == [1, 2, 3] and seen == [True, True, True]  # the end does not draw the same curves again
+        else:  # three epochs of a second each: only the end draws
+            assert drawn == [3] and seen == [False, False, False]
 
 
 # ---- family 2: a kill at any point of an epoch's writes, then --resume ------------------------------------

@@ -8,7 +8,8 @@ Files and the order an epoch writes them (each write atomic: temp file, fsync, r
                      validation error so far; everything below can be rebuilt from it
 2. ``best.pt``       when this epoch is the best: the same bytes as ``last.pt``
 3. ``metrics.jsonl`` one line appended (not atomic: a kill can tear the line); then ``metrics.csv``
-                     rewritten whole from the history (atomic)
+                     rewritten whole from the history (atomic), and ``curves.png`` when a minute has
+                     passed since it was last drawn (atomic)
 4. ``curves.png``, ``gradients.json`` at the end of a run, from ``last.pt``'s history
 
 A kill before 1 leaves the previous epoch's files, all consistent (a half-written temp file is deleted on

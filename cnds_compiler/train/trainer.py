@@ -78,6 +78,9 @@ class RunOptions:
     """Train through ``torch.compile`` of the training module (evaluation stays eager)."""
     prefetch: int | None = None
     """Batches each loader worker prepares ahead (the DataLoader's ``prefetch_factor``; needs workers)."""
+    curves_every: float = 60.0
+    """Redraw ``curves.png`` after an epoch when this many seconds have passed since it was last drawn (a
+    long run shows its curves as it goes; a drawing costs well under a second); always at the end."""
 
 
 @dataclass
@@ -642,6 +645,7 @@ class Trainer:
             return self._run()
 
     def _run(self) -> list[dict]:
+        self._curves_drawn, self._curves_epochs = time.monotonic(), None  # when, and over how many epochs
         if self.acc.is_main_process:
             for stale in self.out.glob(".*.tmp"):  # a write killed half-way; the real file is intact
                 stale.unlink(missing_ok=True)
@@ -866,6 +870,8 @@ class Trainer:
               f"val top-1/top-5 error % {heads} | {m.images_per_s:.0f} img/s{skipped}", flush=True)
         append_metrics(self.out, asdict(m))
         self._write_csv()  # whole each epoch: a spreadsheet open on a long run sees every finished epoch
+        if time.monotonic() - self._curves_drawn >= self.opts.curves_every:
+            self._draw_curves()
         if self.tensorboard:
             self.acc.log({k: v for k, v in flatten_metrics(asdict(m)).items() if isinstance(v, (int, float))},
                          step=m.epoch)
@@ -880,12 +886,16 @@ class Trainer:
             w.writerows(rows)
             atomic_write_text(self.out / "metrics.csv", text.getvalue())
 
+    def _draw_curves(self) -> None:
+        from .plots import plot_curves
+
+        plot_curves(self.history, self.out / "curves.png", title=self.net.name)
+        self._curves_drawn, self._curves_epochs = time.monotonic(), len(self.history)
+
     def _write_logs(self) -> None:
         self._write_csv()  # a resumed run that had no epoch left still gets its table
-        if self.history:
-            from .plots import plot_curves
-
-            plot_curves(self.history, self.out / "curves.png", title=self.net.name)
+        if self.history and self._curves_epochs != len(self.history):
+            self._draw_curves()
         if self.grad_log:
             atomic_write_text(self.out / "gradients.json", json.dumps(self.grad_log))
 
