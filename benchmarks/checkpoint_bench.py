@@ -17,7 +17,8 @@ import torch
 from cnds_compiler import compile_spec
 from cnds_compiler.backends.pytorch import build_module
 from cnds_compiler.checkpoint import FORMAT, VERSION, content_digest
-from cnds_compiler.train.trainer import make_optimizer, rng_state
+from cnds_compiler.train.optim import make_optimizer
+from cnds_compiler.train.state import rng_state
 
 
 def training_state(spec: str) -> dict:

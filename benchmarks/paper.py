@@ -297,7 +297,8 @@ def train_one(row: Row, init: Init, seed: int, regime: Regime, data: str, runs: 
     import torch
 
     from cnds_compiler import compile_spec
-    from cnds_compiler.train.trainer import RunOptions, Trainer, effective_config, evaluate
+    from cnds_compiler.train.evaluate import evaluate
+    from cnds_compiler.train.trainer import RunOptions, Trainer, effective_config
 
     out = run_dir(runs, row, init, seed)
     done = out / "done.json"

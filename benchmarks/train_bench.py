@@ -40,7 +40,7 @@ import torch  # noqa: E402
 from cnds_compiler import compile_spec  # noqa: E402
 from cnds_compiler.backends.pytorch import build_module  # noqa: E402
 from cnds_compiler.train.loss import alphas, deep_supervision_loss  # noqa: E402
-from cnds_compiler.train.trainer import make_optimizer  # noqa: E402
+from cnds_compiler.train.optim import make_optimizer  # noqa: E402
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 CPU = torch.device("cpu")

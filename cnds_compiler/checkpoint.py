@@ -266,7 +266,7 @@ def _check_fields(ckpt: dict[str, Any], path: Path, need: Need) -> None:
 
 
 def _rng_states_well_formed(rng: dict[str, Any]) -> bool:
-    """The shapes :func:`cnds_compiler.train.trainer.rng_state` writes (python's Mersenne Twister: 625 words;
+    """The shapes :func:`cnds_compiler.train.state.rng_state` writes (python's Mersenne Twister: 625 words;
     numpy's: 624 words; torch's CPU generator: a byte tensor), so restoring them cannot fail half-way."""
     def words(values, n: int) -> bool:
         return len(values) == n and all(type(v) is int and 0 <= v < 2**32 for v in values)

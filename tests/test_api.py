@@ -118,7 +118,7 @@ import torch
 import torch.nn.functional as F
 from cnds_compiler import compile_spec
 from cnds_compiler.backends.pytorch import build_module
-from cnds_compiler.train.trainer import make_optimizer
+from cnds_compiler.train.optim import make_optimizer
 torch.set_num_threads(1)
 net = compile_spec("specs/fmnist_cnn8.cnds")
 model = build_module(net, seed=0).train()

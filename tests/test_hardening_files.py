@@ -33,7 +33,8 @@ from cnds_compiler.errors import CheckpointError, CorruptCheckpointError, RunLoc
 from cnds_compiler.train import rundir
 from cnds_compiler.train.plots import plot_curves as draw_curves  # the real one: `quick` stubs it out
 from cnds_compiler.train.rundir import LOCK_NAME, RunLock
-from cnds_compiler.train.trainer import RunOptions, Trainer, effective_config, restore_training_state
+from cnds_compiler.train.state import restore_training_state
+from cnds_compiler.train.trainer import RunOptions, Trainer, effective_config
 
 from .conftest import ROOT
 
@@ -599,7 +600,7 @@ def test_a_file_that_is_not_a_usable_checkpoint_is_one_line_naming_it(tmp_path, 
 
 def test_init_from_leaves_the_layers_that_do_not_fit_and_says_why(tmp_path, good, quick, capsys):
     from cnds_compiler.backends.pytorch import build_module
-    from cnds_compiler.train.trainer import init_from
+    from cnds_compiler.train.state import init_from
 
     path = tmp_path / "mixed.pt"
     _edit(good, path, lambda s: s["model"].update({
@@ -718,7 +719,8 @@ def _fuzz_base():
     from cnds_compiler import compile_text
     from cnds_compiler.backends.pytorch import build_module
     from cnds_compiler.serialize import dumps
-    from cnds_compiler.train.trainer import make_optimizer, rng_state
+    from cnds_compiler.train.optim import make_optimizer
+    from cnds_compiler.train.state import rng_state
 
     fnet = compile_text(FUZZ_SPEC, "fuzz.cnds")
     model = build_module(fnet, seed=0)
@@ -848,7 +850,7 @@ def _get(state, path):
 
 
 def test_fuzzed_checkpoints_raise_only_checkpoint_errors_never_hang_and_overwrite_nothing(tmp_path):
-    from cnds_compiler.train.trainer import make_optimizer
+    from cnds_compiler.train.optim import make_optimizer
 
     fnet, state, model = _fuzz_base()
     optimizer = make_optimizer(model, fnet.train)

@@ -86,7 +86,7 @@ def test_page_numbers_come_from_the_runs(fast_run):
     from cnds_compiler.backends.pytorch import build_module
     from cnds_compiler.checkpoint import load_checkpoint
     from cnds_compiler.data import load_source, make_loader
-    from cnds_compiler.train.trainer import evaluate
+    from cnds_compiler.train.evaluate import evaluate
 
     res, text = fast_run["results"], fast_run["text"]
     regime = paper.FAST

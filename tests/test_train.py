@@ -19,8 +19,11 @@ from cnds_compiler.backends.pytorch import build_module
 from cnds_compiler.checkpoint import load_checkpoint, save_checkpoint
 from cnds_compiler.errors import CheckpointError
 from cnds_compiler.ir import LossKind
+from cnds_compiler.train.evaluate import topk_errors
 from cnds_compiler.train.loss import alphas, deep_supervision_loss, squared_hinge
-from cnds_compiler.train.trainer import GlobalBatchSampler, init_from, param_groups, topk_errors
+from cnds_compiler.train.optim import param_groups
+from cnds_compiler.train.state import init_from
+from cnds_compiler.train.trainer import GlobalBatchSampler
 
 from .conftest import SPECS
 

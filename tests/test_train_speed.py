@@ -11,15 +11,9 @@ import torch
 from cnds_compiler import compile_text
 from cnds_compiler.backends.pytorch import build_module
 from cnds_compiler.data import collate_batch, load_source, make_loader, mix_seed, mix_seed_array
-from cnds_compiler.train.trainer import (
-    GlobalBatchSampler,
-    RunOptions,
-    Trainer,
-    evaluate,
-    make_optimizer,
-    topk_error_counts,
-    topk_errors,
-)
+from cnds_compiler.train.evaluate import evaluate, topk_error_counts, topk_errors
+from cnds_compiler.train.optim import make_optimizer
+from cnds_compiler.train.trainer import GlobalBatchSampler, RunOptions, Trainer
 
 from .conftest import SPECS
 

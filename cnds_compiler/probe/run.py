@@ -272,7 +272,7 @@ def run_probe(net: Network, settings: ProbeSettings = ProbeSettings(), *, progre
 
     from ..backends.pytorch import build_module
     from ..train.loss import alphas, deep_supervision_loss
-    from ..train.trainer import make_optimizer
+    from ..train.optim import make_optimizer
 
     if settings.iters < 1:
         raise ValueError("iters must be >= 1")

@@ -252,7 +252,7 @@ def eval_main(argv: list[str] | None = None) -> int:
         from ..checkpoint import load_checkpoint
         from ..data import load_source, make_loader
         from ..frontend import compile_spec
-        from .trainer import evaluate
+        from .evaluate import evaluate
 
         net = compile_spec(args.spec)
         ckpt = load_checkpoint(args.checkpoint, net, need="model")

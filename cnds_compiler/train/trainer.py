@@ -22,24 +22,23 @@ import io
 import json
 import math
 import os
-import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from ..checkpoint import load_checkpoint
-from ..errors import CheckpointError, TrainingError
+from ..errors import TrainingError
 from ..io import atomic_write_text
 from ..ir import MAX_SEED, Network, TrainConfig
 from ..serialize import dumps
+from .evaluate import evaluate
 from .loss import alphas, deep_supervision_loss
+from .optim import make_optimizer, set_epoch_lr
 from .rundir import RunLock, append_metrics, repair_run, write_epoch_checkpoints
-from .schedule import lr_factor
+from .state import init_from, restore_training_state, rng_state, seed_everything
 
 
 @dataclass(frozen=True)
@@ -125,248 +124,6 @@ class GlobalBatchSampler(torch.utils.data.Sampler[int]):
 
     def __len__(self) -> int:
         return self.batches * self.local
-
-
-# ---- parameters and optimiser --------------------------------------------------------------------
-
-
-def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
-    """Weights: lr, weight decay. Biases: lr × bias_lr_mult, decay × bias_decay. Norm scales: no decay."""
-    weights, biases, norms = [], [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if name.endswith(".bias"):
-            biases.append(p)
-        elif p.ndim == 1:
-            norms.append(p)
-        else:
-            weights.append(p)
-    groups = [
-        {"params": weights, "lr_mult": 1.0, "weight_decay": cfg.weight_decay},
-        {"params": biases, "lr_mult": cfg.bias_lr_mult, "weight_decay": cfg.weight_decay * cfg.bias_decay},
-        {"params": norms, "lr_mult": 1.0, "weight_decay": 0.0},
-    ]
-    for g in groups:
-        g["lr"] = cfg.lr * g["lr_mult"]
-    return [g for g in groups if g["params"]]
-
-
-def _update_path(model: torch.nn.Module) -> dict[str, bool]:
-    """The fastest update torch offers for these parameters: the fused kernel (one pass over every tensor
-    of a group, trunk and branches alike; on CPU 2-4x faster than the per-tensor loop for CNDS-8) where all
-    parameters are floating point on a device it supports, else the multi-tensor ``foreach`` path."""
-    from torch.optim.optimizer import _get_fused_kernels_supported_devices
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    supported = set(_get_fused_kernels_supported_devices())
-    if params and all(p.is_floating_point() and p.device.type in supported for p in params):
-        return {"fused": True}
-    return {"foreach": True}
-
-
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, update: dict[str, bool] | None = None
-                   ) -> torch.optim.Optimizer:
-    """The spec's optimiser over :func:`param_groups`. A parameter without a gradient in a step (a branch
-    whose α is 0 is not computed) is skipped by every update path: no momentum, no weight decay.
-
-    ``update`` chooses the update path (``{"foreach": False}`` is torch's per-tensor loop); default
-    :func:`_update_path`. A resumed run keeps the path its checkpoint was saved with (torch restores it
-    with the optimiser's state), so resuming stays bit-exact."""
-    groups = param_groups(model, cfg)
-    update = _update_path(model) if update is None else update
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, **update)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, **update)
-    return torch.optim.AdamW(groups, lr=cfg.lr, **update)
-
-
-def set_epoch_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, epoch: int) -> float:
-    lr = cfg.lr * lr_factor(cfg.lr_policy, epoch, cfg.epochs)
-    for g in optimizer.param_groups:
-        g["lr"] = lr * g.get("lr_mult", 1.0)
-    return lr
-
-
-# ---- RNG state ---------------------------------------------------------------------------------------
-
-
-def rng_state() -> dict[str, Any]:
-    """RNG states in types ``torch.load(weights_only=True)`` accepts."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def restore_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ckpt: dict[str, Any],
-                           path: str | Path) -> None:
-    """Put a checked checkpoint's weights, optimiser state and RNG states into a fresh model and optimiser
-    (what ``--resume`` does); whatever still does not fit is a :class:`CheckpointError` naming the file."""
-    try:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        for group in optimizer.param_groups:  # torch does not compare buffer shapes until a step fails
-            for p in group["params"]:
-                for name, value in optimizer.state.get(p, {}).items():
-                    if isinstance(value, torch.Tensor) and value.ndim and value.shape != p.shape:
-                        raise ValueError(f"optimizer buffer '{name}' has shape {tuple(value.shape)}, "
-                                         f"its parameter {tuple(p.shape)}")
-        set_rng_state(ckpt["rng"])
-    except Exception as e:  # torch's and numpy's own checks: wrong keys, group sizes, state lengths
-        text = str(e).strip()
-        first = text.splitlines()[0][:160] if text else type(e).__name__
-        raise CheckpointError(f"malformed checkpoint: cannot restore the training state ({first})",
-                              path=str(path)) from None
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-# ---- init-from ----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class InitReport:
-    copied: tuple[str, ...]
-    """Tensors copied (every tensor of each copied layer)."""
-    shape_mismatch: tuple[str, ...]
-    """Tensors whose shape differs in the source."""
-    left_random: tuple[str, ...]
-    """Tensors left as initialised (their layer did not fit as a whole)."""
-    copied_layers: tuple[str, ...] = ()
-    left_layers: tuple[tuple[str, str], ...] = ()
-    """(layer, why) for every layer left as initialised."""
-
-    def format(self, source: str) -> str:
-        lines = [f"init-from {source}: copied {len(self.copied_layers)} layers ({len(self.copied)} tensors), "
-                 f"{len(self.left_layers)} layers left as initialised"]
-        if self.copied_layers:
-            lines.append("  copied:      " + ", ".join(self.copied_layers))
-        if self.left_layers:
-            lines.append("  left as initialised: " + ", ".join(f"{name} ({why})" for name, why in self.left_layers))
-        return "\n".join(lines)
-
-
-def init_from(model: torch.nn.Module, path: str | Path) -> InitReport:
-    """Copy from another model's checkpoint (any spec) every layer whose tensors all match by name and
-    shape — whole layers or nothing: a layer whose weight does not fit keeps its own bias and batchnorm
-    statistics too, so no layer mixes two networks."""
-    source = load_checkpoint(path)["model"]
-    own = model.state_dict()
-    layers: dict[str, list[str]] = {}
-    for key in own:
-        layers.setdefault(key.rsplit(".", 1)[0], []).append(key)
-    copied, mismatch, left, copied_layers, left_layers = [], [], [], [], []
-    with torch.no_grad():
-        for layer, keys in layers.items():
-            absent = [k for k in keys if k not in source]
-            wrong = [k for k in keys if k in source and tuple(source[k].shape) != tuple(own[k].shape)]
-            retyped = [k for k in keys if k in source and k not in wrong and source[k].dtype != own[k].dtype
-                       and not (source[k].is_floating_point() and own[k].is_floating_point())]
-            nonfinite = [k for k in keys if k in source and k not in wrong and source[k].is_floating_point()
-                         and not bool(torch.isfinite(source[k]).all())]
-            if absent or wrong or retyped or nonfinite:
-                mismatch.extend(wrong)
-                left.extend(keys)
-                short = lambda ks: ", ".join(k.rsplit(".", 1)[1] for k in ks)  # noqa: E731
-                reasons = ((wrong, "shape differs"), (retyped, "dtype differs"), (nonfinite, "non-finite"),
-                           (absent, "not in the source"))
-                why = "; ".join(f"{short(ks)} {what}" for ks, what in reasons if ks)
-                left_layers.append((layer, why))
-                continue
-            for k in keys:
-                own[k].copy_(source[k])
-            copied.extend(keys)
-            copied_layers.append(layer)
-    return InitReport(tuple(copied), tuple(mismatch), tuple(left), tuple(copied_layers), tuple(left_layers))
-
-
-# ---- evaluation -------------------------------------------------------------------------------------
-
-
-def topk_error_counts(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> torch.Tensor:
-    """Number of examples whose label is not among the top-k logits, for each k: an int64 tensor on the
-    logits' device (no host sync; callers add them up and read them once)."""
-    maxk = min(max(ks), logits.shape[1])
-    top = logits.topk(maxk, dim=1).indices
-    hit = top.eq(labels.unsqueeze(1))
-    return torch.stack([(~hit[:, : min(k, maxk)].any(dim=1)).sum() for k in ks])
-
-
-def topk_errors(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[int]:
-    """Number of examples whose label is not among the top-k logits, for each k."""
-    return [int(v) for v in topk_error_counts(logits, labels, ks).tolist()]
-
-
-@torch.no_grad()
-def evaluate(model, loader, device, branches: tuple[str, ...], ten_crop: bool = False, reduce=None,
-             per_class: torch.Tensor | None = None, stats: dict | None = None):
-    """Top-1/top-5 error of the main head and of every branch head over ``loader``.
-
-    ``per_class``, a ``(classes, 2)`` float64 tensor, accumulates per true class the examples seen and the
-    main head's top-1 mistakes. ``stats["nonfinite"]`` counts examples whose main logits are not finite."""
-    heads = ("main",) + branches
-    # counts stay on the device and are read once at the end: no host sync per batch
-    errors = torch.zeros(len(heads), 2, dtype=torch.int64, device=device)
-    count = torch.zeros(1, dtype=torch.int64, device=device)
-    nonfinite = torch.zeros((), dtype=torch.int64, device=device)
-    skipped = 0
-    was_training = model.training
-    model.eval()
-    try:
-        for images, labels, n_skipped in loader:
-            skipped += int(n_skipped)
-            images, labels = images.to(device), labels.to(device)
-            if ten_crop:  # (B, 10, C, H, W): average the softmax over crops
-                b, n = images.shape[:2]
-                out = model(images.flatten(0, 1), branches=branches)
-                outs = {"main": out.logits, **out.aux}
-                outs = {k: v.float().softmax(1).view(b, n, -1).mean(1) for k, v in outs.items()}
-            else:
-                out = model(images, branches=branches)
-                outs = {"main": out.logits.float(), **{k: v.float() for k, v in out.aux.items()}}
-            for row, h in enumerate(heads):
-                errors[row] += topk_error_counts(outs[h], labels)
-            if stats is not None:
-                nonfinite += (~torch.isfinite(outs["main"])).any(1).sum()
-            if per_class is not None:
-                classes = per_class.shape[0]
-                wrong = outs["main"].argmax(1) != labels
-                per_class[:, 0] += torch.bincount(labels.cpu(), minlength=classes).double()
-                per_class[:, 1] += torch.bincount(labels[wrong].cpu(), minlength=classes).double()
-            count += labels.shape[0]
-    finally:
-        model.train(was_training)
-    if stats is not None:
-        stats["nonfinite"] = stats.get("nonfinite", 0) + int(nonfinite)
-    totals = torch.cat([count, errors.flatten()])
-    if reduce is not None:
-        totals = reduce(totals)
-    totals = totals.tolist()
-    n = max(1.0, float(totals[0]))
-    top1 = {h: totals[1 + 2 * row] / n for row, h in enumerate(heads)}
-    top5 = {h: totals[2 + 2 * row] / n for row, h in enumerate(heads)}
-    return top1, top5, skipped
 
 
 # ---- the trainer --------------------------------------------------------------------------------------
