@@ -1,4 +1,4 @@
-"""Seeds, the splits of a source, and the markers and collation every loader shares (see the package docstring)."""
+"""Seeds, the splits of a source, and the markers and collation that every loader shares."""
 
 from __future__ import annotations
 
