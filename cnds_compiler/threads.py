@@ -94,7 +94,7 @@ def configure_allocator(env: dict | None = None, mallopt=None) -> str:
     A training step frees and allocates every gradient and large activation again
     (``zero_grad(set_to_none=True)``, autograd's buffers). glibc serves blocks above its mmap threshold
     (at most 32 MiB) with fresh pages and unmaps them on free, so each step pays one page fault per 4 KiB
-    of them: 171,000 a step for the 227² CNDS-8 at batch 16 (its gradients alone are 290 MiB). Served
+    of them: 171,000 a step for the 227² CNDS-8 at batch 16 (its gradients alone are 293 MiB). Served
     from the heap and never trimmed, the same memory is reused within a few steps: 0 faults a step, 0.77×
     the step time (``benchmarks/alloc_bench.py``; RESULTS.md). The heap then stays at the run's peak,
     which training reaches in its first steps anyway. Returns what was done.
