@@ -486,6 +486,18 @@ def good_image(path: Path) -> None:
     Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8) * 3).save(path)
 
 
+def two_class_folder(tmp_path: Path):
+    """``tmp_path/data/{train,val}/{a,b}/ok.png`` and the 2-class net (SMALL) that trains on it."""
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            good_image(root / split / cls / "ok.png")
+    spec = tmp_path / "two.cnds"
+    spec.write_text(SMALL)
+    return root, compile_spec(spec)
+
+
 @pytest.mark.parametrize("seed", range(2))
 @pytest.mark.parametrize("kind", BAD_IMAGE_KINDS)
 def test_bad_image_files_one_line_or_skipped(kind, seed, tiny_model, tmp_path, capsys):
@@ -508,16 +520,10 @@ def test_bad_image_files_one_line_or_skipped(kind, seed, tiny_model, tmp_path, c
 def test_bad_image_files_in_a_training_folder_are_unreadable_samples(kind, tmp_path):
     from cnds_compiler.data import Unreadable, load_source
 
-    root = tmp_path / "data"
-    for split in ("train", "val"):
-        for cls in ("a", "b"):
-            (root / split / cls).mkdir(parents=True)
-            good_image(root / split / cls / "ok.png")
+    root, net = two_class_folder(tmp_path)
     bad = root / "train" / "a" / "x.png"
     word = make_bad_image(kind, bad, random.Random(1))
-    spec = tmp_path / "two.cnds"
-    spec.write_text(SMALL)
-    splits = bounded(load_source, f"imagefolder:{root}", compile_spec(spec))
+    splits = bounded(load_source, f"imagefolder:{root}", net)
     items = [bounded(splits.train.__getitem__, i) for i in range(len(splits.train))]
     unreadable = [x for x in items if isinstance(x, Unreadable)]
     assert [u.path for u in unreadable] == [str(bad)] and word in unreadable[0].reason
@@ -767,15 +773,9 @@ def test_metadata_fuzz_through_real_model_files(tiny_model, tmp_path):
 def test_symlink_loop_in_a_training_folder_is_one_data_error(shape, tmp_path):
     from cnds_compiler.data import load_source
 
-    root = tmp_path / "data"
-    for split in ("train", "val"):
-        for cls in ("a", "b"):
-            (root / split / cls).mkdir(parents=True)
-            good_image(root / split / cls / "ok.png")
+    root, net = two_class_folder(tmp_path)
     link = root / "train" / "b" / "again"
     link.symlink_to(".." if shape == "parent" else root)
-    spec = tmp_path / "two.cnds"
-    spec.write_text(SMALL)
     with pytest.raises(DataError, match="symlink loop: leads back to") as e:
-        bounded(load_source, f"imagefolder:{root}", compile_spec(spec))
+        bounded(load_source, f"imagefolder:{root}", net)
     assert e.value.path == str(link)
