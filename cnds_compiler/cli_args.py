@@ -37,12 +37,24 @@ def seed_argument(text: str) -> int:
     return value
 
 
+def _number(text: str, what: str = "a number") -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+
+
+def fraction_argument(text: str) -> float:
+    """``--val-split``: a fraction strictly between 0 and 1."""
+    value = _number(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction between 0 and 1 (exclusive), got {text}")
+    return value
+
+
 def gib_argument(text: str) -> float:
     """``--memory-budget``: a positive, finite number of GiB."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of GiB: {text!r}") from None
+    value = _number(text, "a number of GiB")
     if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"must be a positive number of GiB, got {text}")
     return value

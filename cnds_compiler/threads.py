@@ -111,3 +111,9 @@ def configure_allocator(env: dict | None = None, mallopt=None) -> str:
     if mallopt(M_MMAP_MAX, 0) != 1 or mallopt(M_TRIM_THRESHOLD, 2**31 - 1) != 1:
         return "memory: the system allocator's defaults (mallopt refused)"
     return "memory: freed blocks kept for reuse"
+
+
+def configure_process() -> str:
+    """Both settings of the commands that run torch, to call before ``import torch``: threads (OpenMP reads
+    its settings once) and memory reuse (before torch allocates). Returns what was decided."""
+    return f"{configure_threads()}; {configure_allocator()}"

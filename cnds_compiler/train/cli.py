@@ -7,7 +7,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from ..cli_args import count_argument, gib_argument, seed_argument
+from ..cli_args import count_argument, fraction_argument, gib_argument, seed_argument
 from ..errors import CndsError, Interrupted, OutputError, command, report
 from ..ir import MAX_SEED
 
@@ -20,16 +20,6 @@ def _precision(text: str) -> str:
     value = {"fp32": "no", "no": "no", "bf16": "bf16", "fp16": "fp16"}.get(text.lower())
     if value is None:
         raise argparse.ArgumentTypeError(f"choose fp32, bf16 or fp16, not {text!r}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be a fraction between 0 and 1 (exclusive), got {text}")
     return value
 
 
@@ -48,7 +38,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
     p.add_argument("--ten-crop", action="store_true", help="evaluate on 10 crops (corners, centre, mirrors)")
     p.add_argument("--limit-val", type=count_argument(1), help="use only the first N validation examples")
-    p.add_argument("--val-split", type=_fraction, metavar="F",
+    p.add_argument("--val-split", type=fraction_argument, metavar="F",
                    help="hold out a seeded fraction F of the training set as the validation set; the source's "
                    "own val set is then not used (keep it as the test set: cnds-eval without --val-split)")
     p.add_argument("--split-seed", type=count_argument(0), default=0, metavar="S",
@@ -174,10 +164,9 @@ def train_main(argv: list[str] | None = None) -> int:
     if args.processes > 1 and "WORLD_SIZE" not in os.environ:
         return _relaunch(argv, args.processes)
     _warn_single_process_launch()
-    from ..threads import configure_allocator, configure_threads
+    from ..threads import configure_process
 
-    configure_threads()  # before torch is imported: OpenMP reads its settings once
-    configure_allocator()  # freed memory kept for reuse, set before torch allocates
+    configure_process()  # threads and memory reuse, before torch is imported
     _terminate_as_exit()
     trainer, out, created_out = None, None, None
     try:
@@ -241,10 +230,9 @@ def eval_main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-class", action="store_true", help="also the main head's top-1 error per class")
     _common(p)
     args = p.parse_args(argv)
-    from ..threads import configure_allocator, configure_threads
+    from ..threads import configure_process
 
-    configure_threads()
-    configure_allocator()
+    configure_process()
     try:
         import torch
 
