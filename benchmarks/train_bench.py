@@ -10,8 +10,10 @@
    with the compile time.
 4. images/s of the imagefolder loader (JPEG decode + crop + mirror in worker processes) against the
    227² CNDS-8's training rate.
+5. The branch alone on the small nets (forward + backward from its tap), and its pooling in NCHW against
+   channels-last layout: where a small net's branch time goes.
 
-    python -m benchmarks.train_bench [--quick] [--no-compile] [--threads N] [--only 1,2,3,4] [--json out.json]
+    python -m benchmarks.train_bench [--quick] [--no-compile] [--threads N] [--only 1,2,3,4,5] [--json out.json]
 
 Freed memory is kept for reuse as under cnds-train (``CNDS_ALLOCATOR``; ``benchmarks/alloc_bench.py``
 measures that setting's own effect).
@@ -169,6 +171,55 @@ def branch_profile(cnds: str, cnn: str, batch: int, steps: int = 5, top: int = 6
             "top": [{"op": k, "extra_ms": d, "cnds_ms": a.get(k, 0.0), "cnn_ms": b.get(k, 0.0)} for d, k in diff],
             "branch_flop_share": branch_flops / max(trunk_flops, 1)}
 
+def branch_kernels(spec: str, batch: int, rounds: int = 50) -> dict:
+    """The branch of ``spec`` on its own: forward + backward of its modules from a random tap value (median
+    ms over ``rounds``), and its first (pooling) module forward + backward as is and in channels-last
+    layout (the faster CPU pooling kernel, paid for with two layout copies), with whether both agree
+    bit for bit."""
+    net = compile_spec(SPECS / spec)
+    model = build_module(net, seed=0).train()
+    (head,) = [h for h in net.heads if h.name != "main"]
+    tap = next(n for n in net.nodes if n.name == head.tap)
+    x = torch.randn(batch, *tap.out_shape.dims, requires_grad=True)
+    branch = getattr(model.aux, head.name)
+    mods = list(branch.children())
+    pool = mods[0]
+
+    def branch_out(channels_last: bool) -> torch.Tensor:
+        y = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+        for m in mods:
+            y = m(torch.flatten(y, 1) if isinstance(m, torch.nn.Linear) and y.dim() > 2 else y)
+        return y
+
+    def run_branch(channels_last: bool = False):
+        def run():
+            branch_out(channels_last).sum().backward()
+        return run
+
+    def run_pool(channels_last: bool):
+        def run():
+            inp = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+            y = pool(inp)
+            y.backward(torch.ones_like(y))
+            return y
+        return run
+
+    x.grad = None
+    a = run_pool(False)().detach().contiguous()
+    ga, x.grad = x.grad.clone(), None
+    b = run_pool(True)().detach().contiguous()
+    same = torch.equal(a, b) and torch.equal(ga, x.grad)
+    model.eval()  # no dropout: the two layouts' outputs are comparable
+    with torch.no_grad():
+        branch_diff = (branch_out(False) - branch_out(True)).abs().max().item()
+    model.train()
+    t = interleaved({"branch": run_branch(), "branch_cl": run_branch(True), "pool": run_pool(False),
+                     "pool_cl": run_pool(True)}, rounds)
+    return {"spec": spec, "batch": batch, "tap": list(tap.out_shape.dims), "branch_ms": t["branch"] * 1e3,
+            "branch_channels_last_ms": t["branch_cl"] * 1e3, "branch_max_abs_diff": branch_diff,
+            "pool_ms": t["pool"] * 1e3, "pool_channels_last_ms": t["pool_cl"] * 1e3, "pool_bit_identical": same}
+
+
 OPTIONS = {
     "channels_last": dict(channels_last=True),
     "bf16": dict(precision="bf16"),
@@ -319,7 +370,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="fewer rounds (smoke run)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile options")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--only", default="1,2,3,4", help="comma list of the parts to run (default: all)")
+    p.add_argument("--only", default="1,2,3,4,5", help="comma list of the parts to run (default: all)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
     parts = {int(x) for x in args.only.split(",")}
@@ -335,6 +386,15 @@ def main() -> None:
         options_part(results, rounds, args.no_compile)
     if 4 in parts:
         loader_part(results, args.quick)
+    if 5 in parts:
+        print("5. the branch alone (forward + backward from its tap), and its pooling in NCHW vs channels-last:")
+        results["branch_kernels"] = [branch_kernels(spec, batch) for spec, batch in
+                                     (("fmnist_cnds8.cnds", 128), ("digits_cnds8.cnds", 64))]
+        for r in results["branch_kernels"]:
+            print(f"  {r['spec']:<22} batch {r['batch']}, tap {'x'.join(map(str, r['tap']))}: branch "
+                  f"{r['branch_ms']:.2f} ms, from a channels-last tap {r['branch_channels_last_ms']:.2f} ms (max "
+                  f"|diff| {r['branch_max_abs_diff']:.1e}); its pooling {r['pool_ms']:.2f} ms, channels-last "
+                  f"{r['pool_channels_last_ms']:.2f} ms (bit-identical: {r['pool_bit_identical']})")
     print(json.dumps(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
