@@ -12,8 +12,13 @@
    227² CNDS-8's training rate.
 5. The branch alone on the small nets (forward + backward from its tap), and its pooling in NCHW against
    channels-last layout: where a small net's branch time goes.
+6. The layout cnds-train chooses on CPU (channels-last) against contiguous NCHW, per training step, for
+   every shipped kind of network (chains, inception, residual; 8x8 to 227²): the figures behind that default.
 
-    python -m benchmarks.train_bench [--quick] [--no-compile] [--threads N] [--only 1,2,3,4,5] [--json out.json]
+Parts 1 and 2 run in the layout cnds-train uses on the device (``default_channels_last``); part 3's "plain"
+step is contiguous fp32, the baseline each option is measured against.
+
+    python -m benchmarks.train_bench [--quick] [--no-compile] [--threads N] [--only 1,2,3,4,5,6] [--json out.json]
 
 Freed memory is kept for reuse as under cnds-train (``CNDS_ALLOCATOR``; ``benchmarks/alloc_bench.py``
 measures that setting's own effect).
@@ -43,6 +48,7 @@ from cnds_compiler import compile_spec  # noqa: E402
 from cnds_compiler.backends.pytorch import build_module  # noqa: E402
 from cnds_compiler.train.loss import alphas, deep_supervision_loss  # noqa: E402
 from cnds_compiler.train.optim import make_optimizer  # noqa: E402
+from cnds_compiler.train.trainer import default_channels_last  # noqa: E402
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 CPU = torch.device("cpu")
@@ -86,11 +92,14 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int, device: torch
 # ---- training steps --------------------------------------------------------------------------------
 
 
-def stepper(spec: str, batch: int, device: torch.device = CPU, *, channels_last: bool = False,
+def stepper(spec: str, batch: int, device: torch.device = CPU, *, channels_last: bool | None = None,
             precision: str = "fp32", compile: bool = False, update: dict | None = None,
             classes: int | None = None) -> Callable[[], None]:
     """One training step (forward with every branch, eq. 1 loss, backward, optimiser step) on fixed
-    random data, as the trainer runs it with the same options."""
+    random data, as the trainer runs it with the same options (``channels_last=None``: the trainer's
+    default layout for the device)."""
+    if channels_last is None:
+        channels_last = default_channels_last(device)
     net = compile_spec(SPECS / spec)
     if classes is not None:
         net = replace(net, num_classes=classes, class_names=())
@@ -125,19 +134,23 @@ def stepper(spec: str, batch: int, device: torch.device = CPU, *, channels_last:
 
 
 def branch_cost(pairs, rounds: int, device: torch.device = CPU) -> list[dict]:
-    """CNDS-8 (branch on) vs CNN-8 step for each (cnds spec, cnn spec, batch), with the fused update and
-    with torch's per-tensor loop."""
+    """CNDS-8 (branch on) vs CNN-8 step for each (cnds spec, cnn spec, batch) in the trainer's layout with
+    the fused update; on CPU also in contiguous layout and with torch's per-tensor loop."""
     results = []
     for a, b, batch in pairs:
         fns = {"cnds": stepper(a, batch, device), "cnn": stepper(b, batch, device)}
         if device.type == "cpu":
+            fns["cnds_nchw"] = stepper(a, batch, device, channels_last=False)
+            fns["cnn_nchw"] = stepper(b, batch, device, channels_last=False)
             fns["cnds_loop"] = stepper(a, batch, device, update={"foreach": False})
             fns["cnn_loop"] = stepper(b, batch, device, update={"foreach": False})
         # two warm-up rounds: with memory kept for reuse, the heap of four 227² models in one process still
         # grows (and faults) through the second step (alloc_bench; RESULTS.md)
         t = interleaved(fns, rounds, device, warmup=2)
-        res = {"cnds": a, "cnn": b, "batch": batch, "rounds": rounds, "cnds_ms": t["cnds"] * 1e3,
-               "cnn_ms": t["cnn"] * 1e3, "ratio": t["cnds"] / t["cnn"]}
+        res = {"cnds": a, "cnn": b, "batch": batch, "rounds": rounds, "channels_last": default_channels_last(device),
+               "cnds_ms": t["cnds"] * 1e3, "cnn_ms": t["cnn"] * 1e3, "ratio": t["cnds"] / t["cnn"]}
+        if "cnds_nchw" in t:
+            res["ratio_contiguous"] = t["cnds_nchw"] / t["cnn_nchw"]
         if "cnds_loop" in t:
             res["ratio_per_tensor_loop"] = t["cnds_loop"] / t["cnn_loop"]
             res["fused_over_loop_cnds"] = t["cnds"] / t["cnds_loop"]
@@ -222,17 +235,18 @@ def branch_kernels(spec: str, batch: int, rounds: int = 50) -> dict:
 
 OPTIONS = {
     "channels_last": dict(channels_last=True),
-    "bf16": dict(precision="bf16"),
+    "bf16": dict(precision="bf16", channels_last=False),
     "bf16+channels_last": dict(precision="bf16", channels_last=True),
-    "compile": dict(compile=True),
+    "compile": dict(compile=True, channels_last=False),
     "bf16+channels_last+compile": dict(precision="bf16", channels_last=True, compile=True),
 }
+"""Each option alone or combined, against the plain step: fp32, contiguous, eager."""
 
 
 def speed_options(spec: str, batch: int, rounds: int, device: torch.device = CPU, compile: bool = True,
                   options: tuple[str, ...] = tuple(OPTIONS), classes: int | None = None) -> dict:
     """Step time of every option against the plain fp32 step; the first compiled call's time."""
-    fns = {"plain": stepper(spec, batch, device, classes=classes)}
+    fns = {"plain": stepper(spec, batch, device, channels_last=False, classes=classes)}
     compile_seconds = {}
     for name in options:
         kw = OPTIONS[name]
@@ -297,6 +311,8 @@ def trainer_vs_hand(spec: str, batch: int, steps: int, rounds: int) -> dict:
         # The hand loop: the same net, optimiser, loss and batch; the prepared images indexed with a
         # permutation, the spec's random crop (one offset per batch) and mirror done on the batch.
         model = build_module(net, seed=cfg.seed).train()
+        layout = torch.channels_last if trainer.channels_last else torch.contiguous_format
+        model = model.to(memory_format=layout)  # the trainer's layout (the CPU default: channels-last)
         opt = make_optimizer(model, cfg)
         ds = splits.train
         images, labels = ds._data, ds.labels
@@ -317,7 +333,7 @@ def trainer_vs_hand(spec: str, batch: int, steps: int, rounds: int) -> dict:
                     if ds.mirror:
                         flip = torch.rand(len(y), generator=g) < 0.5
                         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-                out = model(x, branches=branches)
+                out = model(x.contiguous(memory_format=layout), branches=branches)
                 loss, _ = deep_supervision_loss(net, out.logits, out.aux, y, weights)
                 loss.backward()
                 opt.step()
@@ -337,6 +353,36 @@ def trainer_vs_hand(spec: str, batch: int, steps: int, rounds: int) -> dict:
     return {"spec": spec, "batch": batch, "steps": steps, "rounds": rounds, "trainer_ms": wall_t * 1e3,
             "hand_ms": wall_h * 1e3, "ratio": wall_t / wall_h, "trainer_cpu_ms": cpu_t * 1e3,
             "hand_cpu_ms": cpu_h * 1e3, "cpu_ratio": cpu_t / cpu_h}
+
+
+# ---- memory layout ----------------------------------------------------------------------------------
+
+LAYOUT_NETS = (("digits_cnds8.cnds", 64), ("digits_resnet.cnds", 64), ("fmnist_cnds8.cnds", 128),
+               ("fmnist_inception.cnds", 128), ("imagenet_cnds8.cnds", 4), ("imagenet_cnds8.cnds", 16),
+               ("resnet18_cnds.cnds", 4), ("googlenet_cnds.cnds", 4))
+"""Every kind of shipped network: chains, residual and inception blocks, 8x8 to 227² inputs."""
+
+
+def layout_cost(spec: str, batch: int, rounds: int) -> dict:
+    """Median training step (wall and CPU time) in channels-last and in contiguous layout, interleaved."""
+    fns = {"channels_last": stepper(spec, batch, channels_last=True),
+           "contiguous": stepper(spec, batch, channels_last=False)}
+    for _ in range(2):
+        for fn in fns.values():
+            fn()
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            w, c = _timed_both(fn)
+            wall[k].append(w)
+            cpu[k].append(c)
+    med = {k: statistics.median(v) for k, v in wall.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+    return {"spec": spec, "batch": batch, "rounds": rounds, "channels_last_ms": med["channels_last"] * 1e3,
+            "contiguous_ms": med["contiguous"] * 1e3, "ratio": med["channels_last"] / med["contiguous"],
+            "cpu_ratio": med_cpu["channels_last"] / med_cpu["contiguous"],
+            "round_ratios": [a / b for a, b in zip(wall["channels_last"], wall["contiguous"], strict=True)]}
 
 
 # ---- loader against training -------------------------------------------------------------------
@@ -370,7 +416,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="fewer rounds (smoke run)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile options")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--only", default="1,2,3,4,5", help="comma list of the parts to run (default: all)")
+    p.add_argument("--only", default="1,2,3,4,5,6", help="comma list of the parts to run (default: all)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
     parts = {int(x) for x in args.only.split(",")}
@@ -395,6 +441,8 @@ def main() -> None:
                   f"{r['branch_ms']:.2f} ms, from a channels-last tap {r['branch_channels_last_ms']:.2f} ms (max "
                   f"|diff| {r['branch_max_abs_diff']:.1e}); its pooling {r['pool_ms']:.2f} ms, channels-last "
                   f"{r['pool_channels_last_ms']:.2f} ms (bit-identical: {r['pool_bit_identical']})")
+    if 6 in parts:
+        layout_part(results, rounds, args.quick)
     print(json.dumps(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
@@ -422,8 +470,9 @@ def branch_part(results: dict, rounds: int, quick: bool) -> None:
     for r in results["branch"]:
         loop = (f"; per-tensor optimiser loop {r['ratio_per_tensor_loop']:.3f}, fused/loop step "
                 f"{r['fused_over_loop_cnds']:.3f}") if "ratio_per_tensor_loop" in r else ""
+        contiguous = f"; contiguous layout {r['ratio_contiguous']:.3f}" if "ratio_contiguous" in r else ""
         print(f"  {r['cnds']:<22} {r['cnds_ms']:8.1f} ms  vs {r['cnn']:<20} {r['cnn_ms']:8.1f} ms  (batch "
-              f"{r['batch']}, {r['rounds']} rounds)  ratio {r['ratio']:.3f} (goal <= 1.05){loop}")
+              f"{r['batch']}, {r['rounds']} rounds)  ratio {r['ratio']:.3f} (goal <= 1.05){contiguous}{loop}")
     results["branch_profile"] = []
     for a, b, batch in pairs[:1]:
         prof = branch_profile(a, b, batch)
@@ -446,6 +495,17 @@ def options_part(results: dict, rounds: int, no_compile: bool) -> None:
         comp = ", ".join(f"{k} {v:.1f} s" for k, v in res["compile_seconds"].items())
         print(f"  {spec} batch {batch}: plain {res['ms']['plain']:.1f} ms; step time / plain: {line}"
               + (f"; first compiled step (compilation): {comp}" if comp else ""))
+
+
+def layout_part(results: dict, rounds: int, quick: bool) -> None:
+    print("6. training step in channels-last vs contiguous (NCHW) layout, fp32:")
+    results["layout"] = []
+    for spec, batch in LAYOUT_NETS[:4] if quick else LAYOUT_NETS:
+        r = layout_cost(spec, batch, rounds if batch >= 64 else max(3, rounds // 2))
+        results["layout"].append(r)
+        print(f"  {spec:<22} batch {batch:<3} channels-last {r['channels_last_ms']:8.1f} ms  contiguous "
+              f"{r['contiguous_ms']:8.1f} ms  ratio {r['ratio']:.3f} (CPU time {r['cpu_ratio']:.3f}; rounds "
+              f"{', '.join(f'{x:.2f}' for x in r['round_ratios'])})", flush=True)
 
 
 def loader_part(results: dict, quick: bool) -> None:

@@ -33,7 +33,7 @@ from cnds_compiler.errors import CheckpointError, CorruptCheckpointError, RunLoc
 from cnds_compiler.train import rundir
 from cnds_compiler.train.plots import plot_curves as draw_curves  # the real one: `quick` stubs it out
 from cnds_compiler.train.rundir import LOCK_NAME, RunLock
-from cnds_compiler.train.state import restore_training_state
+from cnds_compiler.train.state import restore_training_state, saved_channels_last
 from cnds_compiler.train.trainer import RunOptions, Trainer, effective_config
 
 from .conftest import ROOT
@@ -356,6 +356,45 @@ def test_a_checkpoint_written_before_the_digest_still_loads_and_resumes(tmp_path
 
 
 # ---- family 2: Ctrl-C at any moment -------------------------------------------------------------------------
+
+
+def train_layout(net, out: Path, channels_last, epochs: int = 2, resume: bool = False) -> Trainer:
+    opts = RunOptions(data="digits", out_dir=out, cpu=True, progress=False, resume=resume,
+                      channels_last=channels_last, max_steps=None if resume else 8, **LIMITS)
+    trainer = Trainer(net, effective_config(net, {"epochs": epochs}), opts)
+    trainer.run()
+    return trainer
+
+
+@pytest.mark.parametrize("layout", [False, True], ids=["contiguous", "channels-last"])
+def test_resume_keeps_the_layout_its_checkpoint_was_trained_in_and_ends_bit_identical(tmp_path, net, quick,
+                                                                                       layout):
+    whole = train_layout(net, tmp_path / "whole", layout)  # the first epoch (8 steps) of a 2-epoch run...
+    train_layout(net, tmp_path / "whole", layout, resume=True)  # ...and the second: the uninterrupted reference
+    first = train_layout(net, tmp_path / "cut", layout)
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["channels_last"] is layout is first.channels_last
+    resumed = train_layout(net, tmp_path / "cut", None, resume=True)  # the layout not given: the checkpoint's
+    assert resumed.channels_last is layout
+    assert same_weights(tmp_path / "cut" / "last.pt", tmp_path / "whole" / "last.pt")
+    assert whole.channels_last is layout
+
+
+def test_resume_in_another_layout_than_asked_says_so(tmp_path, net, quick, capsys):
+    train_layout(net, tmp_path, False)
+    capsys.readouterr()
+    trainer = train_layout(net, tmp_path, True, resume=True)
+    assert trainer.channels_last
+    out = capsys.readouterr().out
+    assert "note: resuming in channels-last layout, the checkpoint was trained in contiguous (NCHW)" in out
+
+
+def test_a_checkpoint_without_a_recorded_layout_tells_it_by_its_weights():
+    old = torch.load(OLD_CHECKPOINT, weights_only=True)  # a contiguous run, before layouts were recorded
+    assert "channels_last" not in old and not saved_channels_last(old)
+    as_nhwc = {**old, "model": {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v
+                                for k, v in old["model"].items()}}
+    assert saved_channels_last(as_nhwc)
+    assert saved_channels_last({**old, "channels_last": True}) and not saved_channels_last({**as_nhwc, "channels_last": False})
 
 
 def _interrupt_at(monkeypatch, where: str) -> None:

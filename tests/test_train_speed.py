@@ -13,7 +13,7 @@ from cnds_compiler.backends.pytorch import build_module
 from cnds_compiler.data import collate_batch, load_source, make_loader, mix_seed, mix_seed_array
 from cnds_compiler.train.evaluate import evaluate, topk_error_counts, topk_errors
 from cnds_compiler.train.optim import make_optimizer
-from cnds_compiler.train.trainer import GlobalBatchSampler, RunOptions, Trainer
+from cnds_compiler.train.trainer import GlobalBatchSampler, RunOptions, Trainer, default_channels_last
 
 from .conftest import SPECS
 
@@ -187,14 +187,23 @@ def test_plain_run_is_reproducible_and_learns(plain, tmp_path):
     assert all(not torch.equal(weights[k], v) for k, v in _initial().items() if k.endswith("weight"))
 
 
-def test_channels_last_gives_the_plain_result(plain, tmp_path):
-    weights, history, _ = plain
-    nhwc, history2, trainer = _run(tmp_path, "nhwc", channels_last=True)
-    conv = trainer.acc.unwrap_model(trainer.model).get_submodule("c1").weight
-    assert conv.is_contiguous(memory_format=torch.channels_last)
+def test_cpu_trains_channels_last_by_default_and_matches_the_contiguous_layout(plain, tmp_path):
+    weights, history, default = plain
+    assert default.channels_last  # the default on CPU (default_channels_last)
+    conv = default.acc.unwrap_model(default.model).get_submodule("c2").weight  # 8 input channels: layouts differ
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    nchw, history2, trainer = _run(tmp_path, "nchw", channels_last=False)
+    conv = trainer.acc.unwrap_model(trainer.model).get_submodule("c2").weight
+    assert conv.is_contiguous() and not conv.is_contiguous(memory_format=torch.channels_last)
     # Stated tolerance: other convolution kernels, other rounding; measured 4e-6 of the movement, bound 1e-3
-    assert _drift(weights, nhwc, _initial()) < 1e-3
+    drift = _drift(weights, nchw, _initial())
+    assert 0 < drift < 1e-3  # > 0: the two runs really took different kernels
     assert history2[0]["train_loss"]["main"] == pytest.approx(history[0]["train_loss"]["main"], rel=1e-4)
+
+
+def test_default_layout_is_channels_last_on_cpu_only():
+    assert default_channels_last(torch.device("cpu"))
+    assert not default_channels_last(torch.device("cuda", 0))
 
 
 def test_bf16_gives_the_plain_result_within_bf16_rounding(plain, tmp_path):

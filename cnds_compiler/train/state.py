@@ -60,6 +60,16 @@ def restore_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimi
                               path=str(path)) from None
 
 
+def saved_channels_last(ckpt: dict[str, Any]) -> bool:
+    """Whether a checkpoint's run trained in channels-last layout. Checkpoints written before runs recorded it
+    tell by their weights: ``torch.save`` keeps strides, and a channels-last run's conv kernels larger than
+    1x1 are stored channels-last, not contiguous."""
+    if "channels_last" in ckpt:
+        return bool(ckpt["channels_last"])
+    return any(isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[2:] != (1, 1) and not t.is_contiguous()
+               and t.is_contiguous(memory_format=torch.channels_last) for t in ckpt.get("model", {}).values())
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

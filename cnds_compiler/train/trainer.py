@@ -38,7 +38,7 @@ from .evaluate import evaluate
 from .loss import alphas, deep_supervision_loss
 from .optim import make_optimizer, set_epoch_lr
 from .rundir import RunLock, append_metrics, repair_run, write_epoch_checkpoints
-from .state import init_from, restore_training_state, rng_state, seed_everything
+from .state import init_from, restore_training_state, rng_state, saved_channels_last, seed_everything
 
 
 @dataclass(frozen=True)
@@ -71,8 +71,9 @@ class RunOptions:
     memory_budget: int | None = None
     """Bytes one training may use (per GPU; for all processes together on CPU). ``None``: the GPU's free
     memory, or ``CNDS_MEMORY_BUDGET_GIB``, else the RAM available now."""
-    channels_last: bool = False
-    """Model and images in channels-last memory layout (NHWC), which convolutions often run faster in."""
+    channels_last: bool | None = None
+    """Model and images in channels-last memory layout (NHWC). ``None``: :func:`default_channels_last` for
+    the device, or for ``resume`` the layout the checkpoint was trained in (so resuming stays bit-exact)."""
     compile: bool = False
     """Train through ``torch.compile`` of the training module (evaluation stays eager)."""
     prefetch: int | None = None
@@ -94,6 +95,13 @@ class EpochMetrics:
     skipped: int
     seconds: float
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def default_channels_last(device: torch.device) -> bool:
+    """The layout a run uses unless told: channels-last on CPU, where every shipped network trains faster in it
+    (0.55-1.0x the contiguous step; ``benchmarks/train_bench.py`` part 6, RESULTS.md), contiguous on GPUs,
+    where fp32 convolutions were not measured here."""
+    return device.type == "cpu"
 
 
 # ---- sampling ------------------------------------------------------------------------------------
@@ -300,7 +308,8 @@ class Trainer:
                     "--init-from copied nothing: no parameter of that checkpoint has the name and shape of one of "
                     f"'{self.net.name}'", path=str(self.opts.init_from))
             self.print(report.format(str(self.opts.init_from)))
-        if self.opts.channels_last:
+        self.channels_last = self._layout()
+        if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
         self._autocast_without_output_conversion()
@@ -346,7 +355,19 @@ class Trainer:
         self.best_error = None if resumed.best_lost else ckpt.get("best_val_error")
         self.best_epoch = None if resumed.best_lost else ckpt.get("best_epoch", _recorded_best(self.history))
         self.grad_log = list(ckpt.get("grad_log", []))
+        self.saved_channels_last = saved_channels_last(ckpt)
         self.print(f"resumed {resumed.path} at epoch {self.start_epoch}/{self.cfg.epochs}")
+
+    def _layout(self) -> bool:
+        """Channels-last or not: as asked, else as the resumed checkpoint was trained, else the default."""
+        asked = self.opts.channels_last
+        if not self.opts.resume:
+            return default_channels_last(self.acc.device) if asked is None else asked
+        if asked is not None and asked != self.saved_channels_last:
+            self.print(f"note: resuming in {_layout_name(asked)} layout, the checkpoint was trained in "
+                       f"{_layout_name(self.saved_channels_last)}: from here the weights round differently than "
+                       "in an uninterrupted run")
+        return self.saved_channels_last if asked is None else asked
 
     def interruption(self) -> str:
         """The line a Ctrl-C prints: where the run stopped and what is kept."""
@@ -381,6 +402,7 @@ class Trainer:
             "best_val_error": self.best_error,
             "best_epoch": self.best_epoch,
             "grad_log": self.grad_log,
+            "channels_last": self.channels_last,
         }
 
     def _save(self, epoch: int, is_best: bool) -> None:
@@ -417,7 +439,7 @@ class Trainer:
                    f"{f' × {self.opts.grad_accum} accumulation' if self.opts.grad_accum > 1 else ''}), "
                    f"device {self.acc.device}"
                    + (f" ({torch.get_num_threads()} threads)" if self.acc.device.type == "cpu" else "")
-                   + f", mixed precision {self.opts.mixed_precision}")
+                   + f", mixed precision {self.opts.mixed_precision}, {_layout_name(self.channels_last)} layout")
         for epoch in range(self.start_epoch, self.cfg.epochs):
             self.epoch_running = epoch
             metrics = self._epoch(epoch)
@@ -489,7 +511,7 @@ class Trainer:
             alpha_post = {f"α[{k}]": f"{weights[k]:.3f}" for k in active}
         backward, step = self._step_functions()
         accumulate = self.opts.grad_accum > 1  # with 1, Accelerate's context only counts steps
-        memory_format = torch.channels_last if self.opts.channels_last else torch.preserve_format
+        memory_format = torch.channels_last if self.channels_last else torch.preserve_format
         model = self.train_module
         self.model.train()
         start = time.perf_counter()
@@ -655,6 +677,10 @@ class Trainer:
             self._draw_curves()
         if self.grad_log:
             atomic_write_text(self.out / "gradients.json", json.dumps(self.grad_log))
+
+
+def _layout_name(channels_last: bool) -> str:
+    return "channels-last" if channels_last else "contiguous (NCHW)"
 
 
 def _recorded_best(history: list[dict]) -> int | None:
