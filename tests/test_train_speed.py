@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from cnds_compiler import compile_text
-from cnds_compiler.backends.pytorch import build_module
+from cnds_compiler import compile_spec, compile_text
+from cnds_compiler.backends.pytorch import Dropout, build_module
 from cnds_compiler.data import collate_batch, load_source, make_loader, mix_seed, mix_seed_array
 from cnds_compiler.train.evaluate import evaluate, topk_error_counts, topk_errors
 from cnds_compiler.train.optim import make_optimizer
@@ -140,6 +140,49 @@ def test_device_side_topk_counts_and_evaluate_match_the_host_counts():
     assert top1["main"] == topk_errors(out.logits, labels)[0] / n
     assert top5["c2"] == topk_errors(out.aux["c2"], labels)[1] / n
     assert skipped == 0 and stats["nonfinite"] == 0
+
+
+# ---- CPU dropout ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("p", [0.3, 0.5, 0.7])
+def test_cpu_dropout_keeps_a_1_minus_p_fraction_scaled_and_its_gradient_flows_through_the_kept_only(p):
+    torch.manual_seed(0)
+    drop = Dropout(p).train()
+    x = (torch.rand(1000, 1000) + 0.5).requires_grad_()  # no zeros: y == 0 exactly where dropped
+    y = drop(x)
+    kept = y != 0
+    sigma = (p * (1 - p) / kept.numel()) ** 0.5
+    assert abs(kept.float().mean().item() - (1 - p)) < 5 * sigma  # Bernoulli(1 - p), as nn.Dropout
+    scale = torch.tensor(1 / (1 - p), dtype=torch.float32)
+    assert torch.equal(y[kept], x[kept] * scale)
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert torch.equal(x.grad[kept], g[kept] * scale) and not x.grad[~kept].any()
+    # rows and columns are not correlated: every row keeps about 1 - p of its values
+    per_row = kept.float().mean(1)
+    assert (per_row - (1 - p)).abs().max() < 6 * (p * (1 - p) / 1000) ** 0.5
+
+
+def test_cpu_dropout_follows_the_seed_and_is_the_identity_in_eval():
+    drop = Dropout(0.5).train()
+    x = torch.rand(64, 128) + 0.5
+    torch.manual_seed(3)
+    a = drop(x)
+    torch.manual_seed(3)
+    state = torch.get_rng_state()
+    b = drop(x)
+    assert torch.equal(a, b) and not torch.equal(drop(x), a)  # torch's generator: seeds and resumes repeat
+    torch.set_rng_state(state)
+    assert torch.equal(drop(x), a)
+    assert drop.eval()(x) is x
+    assert Dropout(0.5).train()(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_built_networks_use_the_cpu_dropout():
+    model = build_module(compile_spec(SPECS / "fmnist_cnds8.cnds"), seed=0)
+    drops = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert len(drops) == 4 and all(type(m) is Dropout for m in drops)  # fc6, fc7 and the branch's fc1, fc2
 
 
 # ---- speed options vs the plain path -------------------------------------------------------------
