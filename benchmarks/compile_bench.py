@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnds_compiler import CndsError, compile_spec
-from cnds_compiler.backends.pytorch import build_module
+from cnds_compiler.backends.pytorch import Dropout, build_module  # the dropout kernel the compiled module runs
 from cnds_compiler.lang import lower as lower_module
 from cnds_compiler.lang import merge as merge_module
 from cnds_compiler.parser import parse_file
@@ -166,8 +166,8 @@ class HandBranch(nn.Module):
         super().__init__()
         self.pool = nn.AvgPool2d(3, stride=2, ceil_mode=True, count_include_pad=True)
         self.conv = nn.Conv2d(64, 32, 1)
-        self.fc1, self.fc1_relu, self.fc1_dropout = nn.Linear(32 * 3 * 3, 128), nn.ReLU(True), nn.Dropout(0.5)
-        self.fc2, self.fc2_relu, self.fc2_dropout = nn.Linear(128, 128), nn.ReLU(True), nn.Dropout(0.5)
+        self.fc1, self.fc1_relu, self.fc1_dropout = nn.Linear(32 * 3 * 3, 128), nn.ReLU(True), Dropout(0.5)
+        self.fc2, self.fc2_relu, self.fc2_dropout = nn.Linear(128, 128), nn.ReLU(True), Dropout(0.5)
         self.classifier = nn.Linear(128, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -190,8 +190,8 @@ class HandCnds8(nn.Module):
         self.conv4_2, self.conv4_2_relu, self.pool4 = _conv(128, 128), nn.ReLU(True), _pool()
         self.conv5_1, self.conv5_1_relu = _conv(128, 128), nn.ReLU(True)
         self.conv5_2, self.conv5_2_relu, self.pool5 = _conv(128, 128), nn.ReLU(True), _pool()
-        self.fc6, self.fc6_relu, self.fc6_dropout = nn.Linear(128, 256), nn.ReLU(True), nn.Dropout(0.5)
-        self.fc7, self.fc7_relu, self.fc7_dropout = nn.Linear(256, 256), nn.ReLU(True), nn.Dropout(0.5)
+        self.fc6, self.fc6_relu, self.fc6_dropout = nn.Linear(128, 256), nn.ReLU(True), Dropout(0.5)
+        self.fc7, self.fc7_relu, self.fc7_dropout = nn.Linear(256, 256), nn.ReLU(True), Dropout(0.5)
         self.fc8 = nn.Linear(256, classes)
         self.aux = nn.ModuleDict({BRANCH: HandBranch(classes)})
 

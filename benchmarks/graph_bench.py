@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnds_compiler import compile_spec
-from cnds_compiler.backends.pytorch import build_module
+from cnds_compiler.backends.pytorch import Dropout, build_module  # the dropout kernel the compiled module runs
 from cnds_compiler.lowering import plan_deploy
 from cnds_compiler.lowering.onnx_export import Weights, build_deploy_module, export_onnx
 from cnds_compiler.lowering.parity import cpu_session
@@ -63,10 +63,11 @@ class HandAux(nn.Module):
     def __init__(self, cin: int, classes: int) -> None:
         super().__init__()
         self.conv, self.fc, self.classifier = _conv(cin, 128), nn.Linear(2048, 1024), nn.Linear(1024, classes)
+        self.drop = Dropout(0.7)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.conv(F.avg_pool2d(x, 5, 3, ceil_mode=True)), inplace=True)
-        x = F.dropout(F.relu(self.fc(torch.flatten(x, 1)), inplace=True), 0.7, self.training)
+        x = self.drop(F.relu(self.fc(torch.flatten(x, 1)), inplace=True))
         return self.classifier(x)
 
 
@@ -86,7 +87,7 @@ class HandGoogLeNet(nn.Module):
         self.lrn = nn.LocalResponseNorm(5, 1e-4, 0.75, 1.0)
         for name, args in TABLE.items():
             self.add_module(f"inception_{name}", HandInception(*args))
-        self.classifier = nn.Linear(1024, classes)
+        self.classifier, self.drop = nn.Linear(1024, classes), Dropout(0.4)
         self.aux = nn.ModuleDict({"loss1": HandAux(512, classes), "loss2": HandAux(528, classes)})
 
     def forward(self, x: torch.Tensor, with_aux: bool = True):
@@ -100,7 +101,7 @@ class HandGoogLeNet(nn.Module):
         aux2 = self.aux["loss2"](x) if with_aux else None
         x = pool(self.inception_4e(x))
         x = self.inception_5b(self.inception_5a(x))
-        x = F.dropout(F.avg_pool2d(x, 7, 1, ceil_mode=True), 0.4, self.training)
+        x = self.drop(F.avg_pool2d(x, 7, 1, ceil_mode=True))
         return self.classifier(torch.flatten(x, 1)), aux1, aux2
 
 
