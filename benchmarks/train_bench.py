@@ -11,7 +11,7 @@
 4. images/s of the imagefolder loader (JPEG decode + crop + mirror in worker processes) against the
    227² CNDS-8's training rate.
 5. The branch alone on the small nets (forward + backward from its tap), and its pooling in NCHW against
-   channels-last layout: where a small net's branch time goes.
+   channels-last layout: where a small net's branch time goes; dropout, torch's against cnds' CPU kernel.
 6. The layout cnds-train chooses on CPU (channels-last) against contiguous NCHW, per training step, for
    every shipped kind of network (chains, inception, residual; 8x8 to 227²): the figures behind that default.
 
@@ -233,6 +233,28 @@ def branch_kernels(spec: str, batch: int, rounds: int = 50) -> dict:
             "pool_ms": t["pool"] * 1e3, "pool_channels_last_ms": t["pool_cl"] * 1e3, "pool_bit_identical": same}
 
 
+def dropout_kernels(shapes=((128, 128), (128, 256), (16, 4096), (128, 1024)), rounds: int = 60) -> list[dict]:
+    """Dropout (p 0.5) forward + backward, torch's ``nn.Dropout`` against cnds' CPU ``Dropout``, for the
+    small nets' fc shapes and the 227² nets' fc6/fc7 at batch 16."""
+    from cnds_compiler.backends.pytorch import Dropout
+
+    results = []
+    for shape in shapes:
+        x = torch.randn(*shape, requires_grad=True)
+        mods = {"torch": torch.nn.Dropout(0.5).train(), "cnds": Dropout(0.5).train()}
+
+        def run(m):
+            def go():
+                x.grad = None
+                m(x).sum().backward()
+            return go
+
+        t = interleaved({k: run(m) for k, m in mods.items()}, rounds, warmup=3)
+        results.append({"shape": list(shape), "torch_ms": t["torch"] * 1e3, "cnds_ms": t["cnds"] * 1e3,
+                        "ratio": t["cnds"] / t["torch"]})
+    return results
+
+
 OPTIONS = {
     "channels_last": dict(channels_last=True),
     "bf16": dict(precision="bf16", channels_last=False),
@@ -441,6 +463,10 @@ def main() -> None:
                   f"{r['branch_ms']:.2f} ms, from a channels-last tap {r['branch_channels_last_ms']:.2f} ms (max "
                   f"|diff| {r['branch_max_abs_diff']:.1e}); its pooling {r['pool_ms']:.2f} ms, channels-last "
                   f"{r['pool_channels_last_ms']:.2f} ms (bit-identical: {r['pool_bit_identical']})")
+        results["dropout"] = dropout_kernels()
+        for r in results["dropout"]:
+            print(f"  dropout {'x'.join(map(str, r['shape'])):<9} forward + backward: torch {r['torch_ms']:.3f} ms, "
+                  f"cnds {r['cnds_ms']:.3f} ms, ratio {r['ratio']:.2f}")
     if 6 in parts:
         layout_part(results, rounds, args.quick)
     print(json.dumps(results))

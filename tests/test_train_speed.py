@@ -333,3 +333,13 @@ def test_precision_flag_values(capsys):
     with pytest.raises(SystemExit) as e:
         parse(["s.cnds", "--precision", "fp8"])
     assert e.value.code == 2 and "choose fp32, bf16 or fp16" in capsys.readouterr().err
+
+
+def test_the_layout_flag_is_three_way_on_the_command_line():
+    from cnds_compiler.train.cli import _train_parser
+
+    def layout(*flags):
+        return _train_parser().parse_args(["spec.cnds", "--out", "run", *flags]).channels_last
+
+    assert layout() is None  # the trainer decides: channels-last on CPU, the checkpoint's on --resume
+    assert layout("--channels-last") is True and layout("--no-channels-last") is False
