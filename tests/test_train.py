@@ -402,9 +402,17 @@ def test_unwritable_outputs_are_one_line_errors(tmp_path, capsys):
 @pytest.mark.slow
 def test_processes_flag_runs_ddp_on_cpu_and_single_process_launch_is_reported(tmp_path):
     common = [str(SPECS / "digits_cnds8.cnds"), "--epochs", "1", "--limit-train", "128", "--no-progress", "--cpu"]
-    two = _train([*common, "--out", str(tmp_path / "two"), "--processes", "2"])
+    # without --cpu on a machine with no GPU: Accelerate alone would make each process a lone single one
+    cpu_flag = common[-1:] if torch.cuda.is_available() else []
+    two = _train([*common[:-1], *cpu_flag, "--out", str(tmp_path / "two"), "--processes", "2"])
     assert two.returncode == 0, two.stderr[-2000:]
     assert "(2 process(es) × 32)" in two.stdout and two.stdout.count("done:") == 1
+    assert "OMP_NUM_THREADS" not in two.stderr  # the cores are shared out by cnds-train, not torchrun's banner
+    # a worker's error is one line, said once, with its exit code: no launcher log lines or traceback
+    again = _train([*common, "--out", str(tmp_path / "two"), "--processes", "2"])
+    assert again.returncode == 1 and again.stderr.strip() == (
+        f"{tmp_path / 'two'}: error: {tmp_path / 'two'} already holds a run; pass --resume to continue it or "
+        "choose another --out"), again.stderr
     # what `accelerate launch --cpu --num_processes 2` leaves a process: a rendezvous address, no world size
     env = {**_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "ACCELERATE_USE_CPU": "True"}
     env.pop("WORLD_SIZE", None)

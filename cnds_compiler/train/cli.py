@@ -97,6 +97,7 @@ def _train_parser() -> argparse.ArgumentParser:
 
 def _relaunch(argv: list[str], processes: int) -> int:
     """Run this command again under torchrun with ``processes`` processes (``--processes`` dropped)."""
+    import os
     import socket
     import subprocess
 
@@ -113,10 +114,15 @@ def _relaunch(argv: list[str], processes: int) -> int:
     with socket.socket() as s:  # a free port for the rendezvous: a fixed one may still be in TIME_WAIT
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+    command = [sys.executable, "-m", "cnds_compiler.train.launch", "--nproc_per_node", str(processes),
                "--master_port", str(port), "-m", "cnds_compiler.train.cli", *rest]
+    env = dict(os.environ)
+    if "OMP_NUM_THREADS" not in env and env.get("CNDS_THREADS", "auto").strip().lower() == "auto":
+        # the cores shared out between the processes (torchrun would give each one thread, and say so)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        env["OMP_NUM_THREADS"] = str(max(1, cores // processes))
     try:
-        return subprocess.run(command).returncode
+        return subprocess.run(command, env=env).returncode
     except KeyboardInterrupt:
         return 130
 
@@ -210,6 +216,8 @@ def train_main(argv: list[str] | None = None) -> int:
             raise Interrupted(where, path=str(out) if out is not None else None) from None
     except CndsError as e:
         _remove_if_empty(created_out)
+        if trainer is None and int(os.environ.get("RANK", "0")) > 0:
+            return e.exit_code  # before training every process checks the same spec, arguments and folder
         return report(e, args.traceback)
     if history:
         last = history[-1]

@@ -193,7 +193,7 @@ class Trainer:
         # TensorBoard through Accelerate's trackers when it is installed; JSONL/CSV/PNG always.
         self.tensorboard = importlib.util.find_spec("tensorboard") is not None
         self.acc = Accelerator(
-            cpu=opts.cpu,
+            cpu=opts.cpu or _workers_without_gpu(),
             mixed_precision=opts.mixed_precision,
             gradient_accumulation_steps=opts.grad_accum,
             kwargs_handlers=[ddp],
@@ -677,6 +677,12 @@ class Trainer:
             self._draw_curves()
         if self.grad_log:
             atomic_write_text(self.out / "gradients.json", json.dumps(self.grad_log))
+
+
+def _workers_without_gpu() -> bool:
+    """One of several processes (torchrun's WORLD_SIZE) on a machine without a GPU: Accelerate then makes
+    each a lone single process unless told to use the CPU, and every one would train the whole run alone."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
 def _layout_name(channels_last: bool) -> str:
