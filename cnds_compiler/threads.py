@@ -41,11 +41,12 @@ def busy_cores(seconds: float = SAMPLE_SECONDS) -> float | None:
     return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / elapsed)
 
 
-def configure_threads(env: dict | None = None) -> str:
+def configure_threads(env: dict | None = None, processes: int = 1) -> str:
     """Set ``OMP_NUM_THREADS``/``OMP_WAIT_POLICY`` in ``env`` (default ``os.environ``) unless chosen.
 
-    ``CNDS_THREADS``: ``auto`` (default), ``torch`` (leave torch's defaults) or a thread count.
-    Returns a short description of what was decided.
+    ``CNDS_THREADS``: ``auto`` (default), ``torch`` (leave torch's defaults) or a thread count (per process).
+    ``processes``: how many processes will share the cores (``cnds-train --processes``): each gets its
+    share of the free ones. Returns a short description of what was decided.
     """
     env = os.environ if env is None else env
     choice = env.get("CNDS_THREADS", "auto").strip().lower()
@@ -61,11 +62,14 @@ def configure_threads(env: dict | None = None) -> str:
         return f"threads: {threads} (CNDS_THREADS)"
     busy = busy_cores()
     if busy is None or busy < BUSY_CORES:
+        if processes > 1:
+            env["OMP_NUM_THREADS"] = str(max(1, cores // processes))
+            return f"threads: {env['OMP_NUM_THREADS']} per process, spinning (quiet machine)"
         return f"threads: {cores}, spinning (quiet machine)"
-    threads = max(1, min(cores, round(cores - busy)))
+    threads = max(1, min(cores, round(cores - busy)) // processes)
     env["OMP_NUM_THREADS"] = str(threads)
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    return f"threads: {threads}, passive waiting ({busy:.1f} cores busy with other work)"
+    return f"threads: {threads}{' per process' if processes > 1 else ''}, passive waiting ({busy:.1f} cores busy with other work)"
 
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's <malloc.h>

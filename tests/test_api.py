@@ -89,6 +89,13 @@ def test_thread_choice(monkeypatch):
     env = {"CNDS_THREADS": "3"}
     threads.configure_threads(env)
     assert env["OMP_NUM_THREADS"] == "3"
+    env = {}
+    threads.configure_threads(env, processes=cores + 1)  # busy, and more processes than free cores: 1 each
+    assert env == {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    monkeypatch.setattr(threads, "busy_cores", lambda seconds=0.1: 0.1)
+    env = {}
+    assert "per process, spinning" in threads.configure_threads(env, processes=2)
+    assert env == {"OMP_NUM_THREADS": str(max(1, cores // 2))}  # quiet: the cores shared out
     assert threads.busy_cores(0.01) is not None  # /proc/stat is readable here
 
 

@@ -101,6 +101,8 @@ def _relaunch(argv: list[str], processes: int) -> int:
     import socket
     import subprocess
 
+    from ..threads import configure_threads
+
     rest, skip = [], False
     for i, arg in enumerate(argv):
         if skip:
@@ -117,10 +119,7 @@ def _relaunch(argv: list[str], processes: int) -> int:
     command = [sys.executable, "-m", "cnds_compiler.train.launch", "--nproc_per_node", str(processes),
                "--master_port", str(port), "-m", "cnds_compiler.train.cli", *rest]
     env = dict(os.environ)
-    if "OMP_NUM_THREADS" not in env and env.get("CNDS_THREADS", "auto").strip().lower() == "auto":
-        # the cores shared out between the processes (torchrun would give each one thread, and say so)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        env["OMP_NUM_THREADS"] = str(max(1, cores // processes))
+    configure_threads(env, processes)  # the free cores shared out (torchrun would give each one, and say so)
     try:
         return subprocess.run(command, env=env).returncode
     except KeyboardInterrupt:
