@@ -379,13 +379,22 @@ def test_resume_keeps_the_layout_its_checkpoint_was_trained_in_and_ends_bit_iden
     assert whole.channels_last is layout
 
 
-def test_resume_in_another_layout_than_asked_says_so(tmp_path, net, quick, capsys):
-    train_layout(net, tmp_path, False)
+@pytest.mark.parametrize("layout", [False, True], ids=["to-channels-last", "to-contiguous"])
+def test_resume_in_another_layout_says_so_and_continues_the_same_training(tmp_path, net, quick, capsys, layout):
+    train_layout(net, tmp_path / "whole", layout)
+    train_layout(net, tmp_path / "whole", layout, resume=True)
+    train_layout(net, tmp_path / "cut", layout)
+    first = weights(tmp_path / "cut" / "last.pt")
     capsys.readouterr()
-    trainer = train_layout(net, tmp_path, True, resume=True)
-    assert trainer.channels_last
-    out = capsys.readouterr().out
-    assert "note: resuming in channels-last layout, the checkpoint was trained in contiguous (NCHW)" in out
+    trainer = train_layout(net, tmp_path / "cut", not layout, resume=True)
+    assert trainer.channels_last is not layout
+    assert (f"note: resuming in {'contiguous (NCHW)' if layout else 'channels-last'} layout, the checkpoint was "
+            f"trained in {'channels-last' if layout else 'contiguous (NCHW)'}") in capsys.readouterr().out
+    # the momentum buffers follow their parameters into the new layout: the second epoch is the same training,
+    # rounded differently (torch's fused CPU update would read a buffer in the other layout scrambled)
+    whole, cut = weights(tmp_path / "whole" / "last.pt"), weights(tmp_path / "cut" / "last.pt")
+    drift = {k: float((whole[k] - cut[k]).abs().max()) / float((whole[k] - first[k]).abs().max()) for k in whole}
+    assert max(drift.values()) < 1e-4, drift  # measured 5.5e-7 of the movement (0.53 for c2 without the fix)
 
 
 def test_a_checkpoint_without_a_recorded_layout_tells_it_by_its_weights():

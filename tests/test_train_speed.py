@@ -13,6 +13,7 @@ from cnds_compiler.backends.pytorch import Dropout, build_module
 from cnds_compiler.data import collate_batch, load_source, make_loader, mix_seed, mix_seed_array
 from cnds_compiler.train.evaluate import evaluate, topk_error_counts, topk_errors
 from cnds_compiler.train.optim import make_optimizer
+from cnds_compiler.train.state import align_optimizer_state
 from cnds_compiler.train.trainer import GlobalBatchSampler, RunOptions, Trainer, default_channels_last
 
 from .conftest import SPECS
@@ -140,6 +141,33 @@ def test_device_side_topk_counts_and_evaluate_match_the_host_counts():
     assert top1["main"] == topk_errors(out.logits, labels)[0] / n
     assert top5["c2"] == topk_errors(out.aux["c2"], labels)[1] / n
     assert skipped == 0 and stats["nonfinite"] == 0
+
+
+@pytest.mark.parametrize("buffer_layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_optimizer_buffers_follow_their_parameters_layout(buffer_layout):
+    """torch's fused CPU SGD reads a momentum buffer with its parameter's strides: a buffer left in the other
+    layout (a run resumed in another one) is applied scrambled unless aligned first."""
+    def two_steps(fused: bool, align: bool) -> torch.Tensor:
+        start = torch.randn(8, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+        other = torch.channels_last if buffer_layout is torch.contiguous_format else torch.contiguous_format
+        p = torch.nn.Parameter(start.contiguous(memory_format=other))
+        opt = torch.optim.SGD([p], lr=0.1, momentum=0.9, weight_decay=1e-3,
+                              **({"fused": True} if fused else {"foreach": False}))
+        g = torch.randn(8, 4, 3, 3, generator=torch.Generator().manual_seed(1))
+        p.grad = g.contiguous(memory_format=other)
+        opt.step()
+        state = opt.state[p]
+        state["momentum_buffer"] = state["momentum_buffer"].contiguous(memory_format=buffer_layout)
+        if align:
+            align_optimizer_state(opt)
+            assert state["momentum_buffer"].stride() == p.stride()
+        p.grad = (2 * g).contiguous(memory_format=other)
+        opt.step()
+        return p.detach().contiguous()
+
+    loop = two_steps(fused=False, align=False)  # the per-tensor loop indexes by coordinates: the reference
+    assert torch.equal(two_steps(fused=True, align=True), loop)
+    assert not torch.allclose(two_steps(fused=True, align=False), loop, atol=1e-2)  # unaligned: scrambled
 
 
 # ---- CPU dropout ------------------------------------------------------------------------------------

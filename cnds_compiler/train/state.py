@@ -60,6 +60,18 @@ def restore_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimi
                               path=str(path)) from None
 
 
+def align_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Lay every optimiser buffer out like its parameter (after a change of memory layout, e.g. a run resumed
+    in the other one). torch's fused CPU SGD reads a momentum buffer as if it had its parameter's strides: a
+    channels-last parameter with a contiguous buffer would be updated with a scrambled momentum, silently."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for name, value in state.items():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape and value.stride() != p.stride():
+                    state[name] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+
 def saved_channels_last(ckpt: dict[str, Any]) -> bool:
     """Whether a checkpoint's run trained in channels-last layout. Checkpoints written before runs recorded it
     tell by their weights: ``torch.save`` keeps strides, and a channels-last run's conv kernels larger than

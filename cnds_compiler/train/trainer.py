@@ -38,7 +38,8 @@ from .evaluate import evaluate
 from .loss import alphas, deep_supervision_loss
 from .optim import make_optimizer, set_epoch_lr
 from .rundir import RunLock, append_metrics, repair_run, write_epoch_checkpoints
-from .state import init_from, restore_training_state, rng_state, saved_channels_last, seed_everything
+from .state import (align_optimizer_state, init_from, restore_training_state, rng_state, saved_channels_last,
+                    seed_everything)
 
 
 @dataclass(frozen=True)
@@ -311,6 +312,7 @@ class Trainer:
         self.channels_last = self._layout()
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        align_optimizer_state(self.optimizer)  # a resumed state follows its parameters into their layout
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
         self._autocast_without_output_conversion()
         self._idle_params: dict[frozenset[str], list[torch.nn.Parameter]] = {}
