@@ -113,8 +113,8 @@ class LRN(nn.LocalResponseNorm):
 
 class Dropout(nn.Dropout):
     """``nn.Dropout`` whose CPU training mask comes from uniform random numbers compared with ``p`` (one
-    buffer, made in place): 2-2.5x faster than torch's CPU Bernoulli sampling, which sets up an MKL random
-    stream on every call (0.12 vs 0.30 ms forward + backward for 128x128, 0.74 vs 2.1 ms for 128x1024).
+    buffer, made in place): forward + backward in 0.43-0.49x the time of torch's CPU Bernoulli sampling,
+    which sets up an MKL random stream on every call (``benchmarks/train_bench.py`` part 5).
     The same distribution (P(u >= p) = 1 - p, kept values scaled by 1/(1-p)) from torch's generator, so
     seeds and resumed runs stay exact. GPUs, ``torch.compile`` and evaluation take torch's own path."""
 
