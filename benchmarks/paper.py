@@ -1,6 +1,6 @@
 """Test the paper's claims at small scale on Fashion-MNIST, and write the results page (v2).
 
-    python -m benchmarks.paper            # the full run: about 45 minutes on 2 quiet CPU cores
+    python -m benchmarks.paper            # the full run: about 30 minutes on 2 quiet CPU cores
     python -m benchmarks.paper --fast     # seconds: tiny subsets, 1 seed, 2 epochs (tests/test_paper.py)
 
 What it does, one training at a time, in this process (torch threads: ``--threads``, default 1):
