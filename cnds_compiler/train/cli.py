@@ -123,7 +123,7 @@ def _relaunch(argv: list[str], processes: int) -> int:
     try:
         return subprocess.run(command, env=env).returncode
     except KeyboardInterrupt:
-        return 130
+        return Interrupted.exit_code
 
 
 def _warn_single_process_launch() -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import sys
 
-INTERRUPTED = 130  # 128 + SIGINT
+from ..errors import Interrupted
 
 
 def main(argv: list[str]) -> int:
@@ -27,7 +27,7 @@ def main(argv: list[str]) -> int:
         _, failure = e.get_first_failure()
         return failure.exitcode if failure.exitcode > 0 else 1  # < 0: killed by a signal
     except KeyboardInterrupt:
-        return INTERRUPTED  # the main worker says where the run stopped
+        return Interrupted.exit_code  # the main worker says where the run stopped
     except SignalException as e:  # SIGTERM/SIGINT to the launcher: torchrun has stopped the workers
         return 128 + int(e.sigval)
     return 0
