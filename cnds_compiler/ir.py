@@ -528,13 +528,13 @@ class Network:
         return tuple(Layer(g, tuple(ns), spans.get(g, ns[0].span)) for g, ns in order.items())
 
     # ---- views of a chain-or-graph network ---------------------------------------------------------
-    @property
+    @cached_property  # views are immutable; the training loss reads them every step
     def trunk(self) -> tuple[Layer, ...]:
         """The main head's nodes grouped by statement."""
         main = self.main_nodes()
         return self.groups(n for n in self.nodes if n.name in main)
 
-    @property
+    @cached_property
     def branches(self) -> tuple[Branch, ...]:
         """One view per supervision head: the nodes only supervision heads need, by statement."""
         return tuple(
