@@ -37,7 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnds_compiler import CndsError, compile_spec
-from cnds_compiler.backends.pytorch import Dropout, build_module  # the dropout kernel the compiled module runs
+from cnds_compiler.backends.pytorch import (  # the dropout kernel the compiled module runs
+    Dropout,
+    build_module,
+)
 from cnds_compiler.lang import lower as lower_module
 from cnds_compiler.lang import merge as merge_module
 from cnds_compiler.parser import parse_file

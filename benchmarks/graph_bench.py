@@ -28,7 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnds_compiler import compile_spec
-from cnds_compiler.backends.pytorch import Dropout, build_module  # the dropout kernel the compiled module runs
+from cnds_compiler.backends.pytorch import (  # the dropout kernel the compiled module runs
+    Dropout,
+    build_module,
+)
 from cnds_compiler.lowering import plan_deploy
 from cnds_compiler.lowering.onnx_export import Weights, build_deploy_module, export_onnx
 from cnds_compiler.lowering.parity import cpu_session

@@ -295,7 +295,7 @@ def dropout_kernels(shapes=((128, 128), (128, 256), (16, 4096), (128, 1024)), ro
         x = torch.randn(*shape, requires_grad=True)
         mods = {"torch": torch.nn.Dropout(0.5).train(), "cnds": Dropout(0.5).train()}
 
-        def run(m):
+        def run(m, x=x):  # bound now: the closures run before the loop moves on
             def go():
                 x.grad = None
                 m(x).sum().backward()

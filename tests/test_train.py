@@ -20,7 +20,7 @@ from cnds_compiler.checkpoint import load_checkpoint, save_checkpoint
 from cnds_compiler.errors import CheckpointError
 from cnds_compiler.ir import LossKind
 from cnds_compiler.train.evaluate import topk_errors
-from cnds_compiler.train.loss import alphas, deep_supervision_loss, squared_hinge
+from cnds_compiler.train.loss import LossTally, alphas, deep_supervision_loss, squared_hinge
 from cnds_compiler.train.optim import param_groups
 from cnds_compiler.train.state import init_from
 from cnds_compiler.train.trainer import GlobalBatchSampler
@@ -85,6 +85,27 @@ def test_total_loss_is_eq1_with_both_loss_kinds():
     total2, parts2 = deep_supervision_loss(net, logits, {"c1": a1}, y, w)  # c2 not computed
     assert set(parts2) == {"main", "c1"}
     assert float(total2) == pytest.approx(float(F.cross_entropy(logits, y) + 0.25 * squared_hinge(a1, y)), rel=1e-6)
+
+
+def test_loss_tally_sums_heads_over_folds_and_flags_a_nonfinite_total_once_folded():
+    torch.manual_seed(0)
+    steps = [(torch.rand(()) * 3, {"main": torch.rand(()), "c1": torch.rand(())}) for _ in range(7)]
+    steps.insert(3, (torch.tensor(0.4), {"main": torch.tensor(0.4)}))  # an empty micro-batch: main only
+    tally = LossTally(("main", "c1"), torch.device("cpu"))
+    assert tally.fold() is False  # nothing pending
+    for i, (total, parts) in enumerate(steps):
+        tally.add(total, parts)
+        if i == 4:
+            assert tally.fold() is False
+    assert tally.fold() is False and tally.fold() is False  # folded once: a second fold adds nothing
+    expected = [sum(float(p.get(k, 0.0)) for _, p in steps) for k in ("main", "c1")]
+    assert tally.sums.tolist() == pytest.approx(expected, rel=1e-6)
+    tally.add(torch.tensor(float("nan")), {"main": torch.tensor(1.0), "c1": torch.tensor(1.0)})
+    tally.add(torch.tensor(2.0), {"main": torch.tensor(1.0), "c1": torch.tensor(1.0)})
+    assert tally.fold() is True
+    assert tally.fold() is False  # reported once; the trainer stops at the first report
+    tally.add(torch.tensor(float("inf")), {"main": torch.tensor(1.0)})
+    assert tally.fold() is True
 
 
 def test_bias_lr_mult_and_decay_on_weights_only():

@@ -47,3 +47,36 @@ def deep_supervision_loss(
             parts[b.name] = branch_loss.detach()
             total = total + weights[b.name] * branch_loss
     return total, parts
+
+
+class LossTally:
+    """An epoch's per-head training-loss sums and its non-finite-loss check, on the loss's device.
+
+    A step only keeps its detached loss tensors (:meth:`add`: no device operation — each would cost a
+    dispatch on CPU, a kernel launch on a GPU); :meth:`fold` adds the pending steps to the sums with a few
+    operations and reads one flag from the device, so the host waits on the device only when the loop
+    asks (every ``SYNC_EVERY`` steps and at the epoch's end).
+    """
+
+    def __init__(self, heads: tuple[str, ...], device: torch.device) -> None:
+        self.heads = heads
+        self.sums = torch.zeros(len(heads), dtype=torch.float32, device=device)
+        self._zero = torch.zeros((), dtype=torch.float32, device=device)
+        self._totals: list[torch.Tensor] = []
+        self._parts: list[dict[str, torch.Tensor]] = []
+
+    def add(self, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
+        """One micro-batch's total loss and its per-head parts (a head missing from ``parts`` adds 0)."""
+        self._totals.append(loss.detach())
+        self._parts.append(parts)
+
+    def fold(self) -> bool:
+        """Add the pending micro-batches to :attr:`sums`; True when one of their total losses is not finite."""
+        if not self._totals:
+            return False
+        columns = [torch.stack([p.get(k, self._zero) for p in self._parts]) for k in self.heads]
+        self.sums += torch.stack(columns).sum(dim=1)
+        finite = bool(torch.isfinite(torch.stack(self._totals)).all())
+        self._totals.clear()
+        self._parts.clear()
+        return not finite

@@ -35,11 +35,17 @@ from ..io import atomic_write_text
 from ..ir import MAX_SEED, Network, TrainConfig
 from ..serialize import dumps
 from .evaluate import evaluate
-from .loss import alphas, deep_supervision_loss
+from .loss import LossTally, alphas, deep_supervision_loss
 from .optim import make_optimizer, set_epoch_lr
 from .rundir import RunLock, append_metrics, repair_run, write_epoch_checkpoints
-from .state import (align_optimizer_state, init_from, restore_training_state, rng_state, saved_channels_last,
-                    seed_everything)
+from .state import (
+    align_optimizer_state,
+    init_from,
+    restore_training_state,
+    rng_state,
+    saved_channels_last,
+    seed_everything,
+)
 
 
 @dataclass(frozen=True)
@@ -501,8 +507,7 @@ class Trainer:
         loader = self._train_loader(epoch)
         heads = ("main",) + active
         # per-head loss sums stay on the device; the host reads them every SYNC_EVERY steps at most
-        sums = torch.zeros(len(heads), dtype=torch.float32, device=acc.device)
-        bad_losses = torch.zeros((), dtype=torch.int64, device=acc.device)
+        tally = LossTally(heads, acc.device)
         batches = images_seen = skipped = 0
         bar = None
         if self.opts.progress and acc.is_main_process:
@@ -539,7 +544,7 @@ class Trainer:
                     loss, parts = deep_supervision_loss(self.net, out.logits, out.aux, labels, weights)
                 if idle and acc.num_processes > 1:
                     loss = loss + 0.0 * sum(p.sum() for p in self.idle_parameters(idle))
-                bad_losses += ~torch.isfinite(loss.detach())
+                tally.add(loss, parts)
                 backward(loss)
                 if idle and acc.num_processes > 1:
                     # The all-reduce is done; drop the zeros so the optimiser skips the idle branch
@@ -555,15 +560,11 @@ class Trainer:
                            f"{self.compile_seconds:.1f} s")
             if acc.sync_gradients:
                 self.step += 1
-            if len(parts) == len(heads):
-                sums += torch.stack([parts[k] for k in heads])
-            else:  # an empty micro-batch has only the main part
-                sums[0] += parts["main"]
             batches += 1
             images_seen += images.shape[0] * acc.num_processes
             stop = self.opts.max_steps is not None and self.step >= self.opts.max_steps
             if batches % SYNC_EVERY == 0:
-                self._check_losses(epoch, bad_losses, parts)
+                self._check_losses(epoch, tally, parts)
             if bar is not None:
                 if batches % SYNC_EVERY == 0 or batches == 1:
                     elapsed = time.perf_counter() - start
@@ -574,11 +575,11 @@ class Trainer:
             if stop:
                 break
         if batches:
-            self._check_losses(epoch, bad_losses, parts)
+            self._check_losses(epoch, tally, parts)
         if bar is not None:
             bar.close()
         seconds = time.perf_counter() - start
-        means = acc.reduce(sums / max(1, batches), "mean").tolist()
+        means = acc.reduce(tally.sums / max(1, batches), "mean").tolist()
         train_loss = dict(zip(heads, means, strict=True))
         stats: dict = {}
         top1, top5, val_skipped = evaluate(
@@ -593,9 +594,9 @@ class Trainer:
             seconds=seconds,
         )
 
-    def _check_losses(self, epoch: int, bad_losses: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
+    def _check_losses(self, epoch: int, tally: LossTally, parts: dict[str, torch.Tensor]) -> None:
         """Stop on a non-finite loss seen since the last check (read from the device here, not per step)."""
-        if int(bad_losses):
+        if tally.fold():
             self._non_finite(epoch, parts)
 
     def _monitor_gradients(self) -> None:
