@@ -100,7 +100,8 @@ def stepper(spec: str, batch: int, device: torch.device = CPU, *, channels_last:
             classes: int | None = None) -> Callable[[], None]:
     """One training step (forward with every branch, eq. 1 loss, backward, optimiser step) on fixed
     random data, as the trainer runs it with the same options (``channels_last=None``: the trainer's
-    default layout for the device)."""
+    default layout for the device). ``step(branches_on=False)`` steps the same model with its branches off,
+    as the trainer does for a branch whose α is 0: the trunk alone, its loss and update."""
     if channels_last is None:
         channels_last = default_channels_last(device)
     net = compile_spec(SPECS / spec)
@@ -120,9 +121,9 @@ def stepper(spec: str, batch: int, device: torch.device = CPU, *, channels_last:
                 if precision != "fp32" else contextlib.nullcontext())
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
-    def step() -> None:
+    def step(branches_on: bool = True) -> None:
         with autocast:
-            out = forward(x, branches=branches)
+            out = forward(x, branches=branches if branches_on else ())
         loss, _ = deep_supervision_loss(net, out.logits, out.aux, y, weights)
         if scaler is None:
             loss.backward()
@@ -138,10 +139,13 @@ def stepper(spec: str, batch: int, device: torch.device = CPU, *, channels_last:
 
 def branch_cost(pairs, rounds: int, device: torch.device = CPU) -> list[dict]:
     """CNDS-8 (branch on) vs CNN-8 step for each (cnds spec, cnn spec, batch) in the trainer's layout with
-    the fused update; on CPU also in contiguous layout and with torch's per-tensor loop."""
+    the fused update, and vs the same CNDS-8 model stepped with its branch off (one instance: two built
+    alike differ by several percent here, part 1's control); on CPU also in contiguous layout and with
+    torch's per-tensor loop."""
     results = []
     for a, b, batch in pairs:
-        fns = {"cnds": stepper(a, batch, device), "cnn": stepper(b, batch, device)}
+        cnds = stepper(a, batch, device)
+        fns = {"cnds": cnds, "cnn": stepper(b, batch, device), "cnds_trunk": lambda s=cnds: s(branches_on=False)}
         if device.type == "cpu":
             fns["cnds_nchw"] = stepper(a, batch, device, channels_last=False)
             fns["cnn_nchw"] = stepper(b, batch, device, channels_last=False)
@@ -151,7 +155,8 @@ def branch_cost(pairs, rounds: int, device: torch.device = CPU) -> list[dict]:
         # grows (and faults) through the second step (alloc_bench; RESULTS.md)
         t = interleaved(fns, rounds, device, warmup=2)
         res = {"cnds": a, "cnn": b, "batch": batch, "rounds": rounds, "channels_last": default_channels_last(device),
-               "cnds_ms": t["cnds"] * 1e3, "cnn_ms": t["cnn"] * 1e3, "ratio": t["cnds"] / t["cnn"]}
+               "cnds_ms": t["cnds"] * 1e3, "cnn_ms": t["cnn"] * 1e3, "ratio": t["cnds"] / t["cnn"],
+               "ratio_same_instance": t["cnds"] / t["cnds_trunk"]}
         if "cnds_nchw" in t:
             res["ratio_contiguous"] = t["cnds_nchw"] / t["cnn_nchw"]
         if "cnds_loop" in t:
@@ -574,7 +579,8 @@ def branch_part(results: dict, rounds: int, quick: bool) -> None:
                 f"{r['fused_over_loop_cnds']:.3f}") if "ratio_per_tensor_loop" in r else ""
         contiguous = f"; contiguous layout {r['ratio_contiguous']:.3f}" if "ratio_contiguous" in r else ""
         print(f"  {r['cnds']:<22} {r['cnds_ms']:8.1f} ms  vs {r['cnn']:<20} {r['cnn_ms']:8.1f} ms  (batch "
-              f"{r['batch']}, {r['rounds']} rounds)  ratio {r['ratio']:.3f} (goal <= 1.05){contiguous}{loop}")
+              f"{r['batch']}, {r['rounds']} rounds)  ratio {r['ratio']:.3f} (goal <= 1.05); the same model with "
+              f"its branch off {r['ratio_same_instance']:.3f}{contiguous}{loop}")
     results["branch_profile"] = []
     for a, b, batch in pairs[:1]:
         prof = branch_profile(a, b, batch)
