@@ -223,6 +223,7 @@ def branch_floor(cnds: str, cnn: str, batch: int, rounds: int = 200) -> dict:
         y = torch.randint(0, net.num_classes, (n,))
 
         def run() -> None:
+            model.aux.zero_grad(set_to_none=True)  # as a training step: its backward assigns, not adds
             (alpha * head_loss(branch.loss, _run_branch(mods, x), y)).backward()
         return run
 
@@ -263,6 +264,8 @@ def branch_kernels(spec: str, batch: int, rounds: int = 50) -> dict:
 
     def run_branch(channels_last: bool = False):
         def run():
+            model.aux.zero_grad(set_to_none=True)
+            x.grad = None
             branch_out(channels_last).sum().backward()
         return run
 

@@ -113,7 +113,7 @@ class LRN(nn.LocalResponseNorm):
 
 class Dropout(nn.Dropout):
     """``nn.Dropout`` whose CPU training mask comes from uniform random numbers compared with ``p`` (one
-    buffer, made in place): forward + backward in 0.43-0.49x the time of torch's CPU Bernoulli sampling,
+    buffer, made in place): forward + backward in 0.30-0.70x the time of torch's CPU Bernoulli sampling (six runs),
     which sets up an MKL random stream on every call (``benchmarks/train_bench.py`` part 5).
     The same distribution (P(u >= p) = 1 - p, kept values scaled by 1/(1-p)) from torch's generator, so
     seeds and resumed runs stay exact. GPUs, ``torch.compile`` and evaluation take torch's own path."""

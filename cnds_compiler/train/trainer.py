@@ -105,7 +105,7 @@ class EpochMetrics:
 
 
 def default_channels_last(device: torch.device) -> bool:
-    """The layout a run uses unless told: channels-last on CPU, where every shipped network trains faster in it
+    """The layout a run uses unless told: channels-last on CPU, where every shipped network trains as fast or faster in it
     (0.53-1.02x the contiguous step in two runs; ``benchmarks/train_bench.py`` part 6, RESULTS.md), contiguous on GPUs,
     where fp32 convolutions were not measured here."""
     return device.type == "cpu"
