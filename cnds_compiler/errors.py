@@ -182,6 +182,14 @@ class Interrupted(CndsError):
     exit_code = 130
 
 
+class OutputClosed(Interrupted):
+    """The reader of a long run's output went away (``cnds-train … | head``): the run stops as on Ctrl-C,
+    with 128 + SIGPIPE, the code a shell reports for a tool that signal ended."""
+
+    kind = "output closed"
+    exit_code = 141
+
+
 def did_you_mean(name: str, candidates: Iterable[str]) -> str | None:
     """A "did you mean ...?" hint for a misspelt ``name``, or ``None`` when nothing is close."""
     close = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.6)
@@ -206,20 +214,27 @@ def report(error: CndsError, show_traceback: bool = False) -> int:
 def command(prog: str):
     """Decorate a CLI's ``main(argv) -> int`` so that Ctrl-C at any moment, also while torch is being
     imported or arguments are parsed, ends it with one line on stderr and exit code 130 (128 + SIGINT), as
-    shells expect, never a traceback. The one place that decides this for every ``cnds-*`` command; a
-    command that knows more (``cnds-train``: the epoch and step) raises :class:`Interrupted` itself."""
+    shells expect, never a traceback; and a reader that stops reading (``cnds-compile … | head``) ends it
+    quietly with 141 (128 + SIGPIPE), as it would a Unix tool. The one place that decides this for every
+    ``cnds-*`` command; a command that knows more (``cnds-train``: the epoch and step) raises
+    :class:`Interrupted` itself."""
     import functools
+    import sys
 
     def decorate(main):
         @functools.wraps(main)
         def run(argv: list[str] | None = None) -> int:
             try:
-                return main(argv)
+                code = main(argv)
+                sys.stdout.flush()  # output still buffered for a pipe whose reader left fails here, not at exit
+                return code
             except KeyboardInterrupt:
-                import sys
-
                 print(f"{prog}: interrupted", file=sys.stderr)
                 return Interrupted.exit_code
+            except BrokenPipeError:
+                from cnds_runtime.errors import quiet_closed_streams  # only now: the runtime imports numpy
+
+                return quiet_closed_streams()
 
         return run
 

@@ -15,6 +15,18 @@ def shipped_specs() -> list[Path]:
     return sorted(SPECS.glob("*.cnds"))
 
 
+def run_reader_gone(cmd: list[str], lines: int = 0, **kw) -> tuple[int, list[str], str]:
+    """Run ``cmd`` as ``cmd | head -n LINES`` would: read ``lines`` lines of its stdout (0: none), then close
+    the pipe while it still writes. Returns (exit code, the lines read, stderr)."""
+    import subprocess
+
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    read = [p.stdout.readline() for _ in range(lines)]
+    p.stdout.close()
+    err = p.stderr.read()
+    return p.wait(timeout=600), read, err
+
+
 @pytest.fixture
 def spec_dir(tmp_path: Path) -> Path:
     """A temp folder for specs written by a test."""

@@ -20,7 +20,7 @@ from cnds_compiler.errors import ShapeError, SupervisionError
 from cnds_compiler.passes import DEFAULT_PIPELINE, get_all_passes
 from cnds_compiler.serialize import schema
 
-from .conftest import ROOT, SPECS
+from .conftest import ROOT, SPECS, run_reader_gone
 
 DIGITS = SPECS / "digits_cnds8.cnds"
 
@@ -330,3 +330,11 @@ def test_output_over_an_input_is_refused_before_any_work(capsys, tmp_path):
     weights.write_bytes(b"not really a checkpoint, and it must stay as it is")
     code, _, err = run_cli(capsys, spec, "--emit", "onnx", "--weights", weights, "-o", weights)
     assert code == 1 and "-o would overwrite --weights" in err and weights.read_bytes().startswith(b"not really")
+
+
+def test_output_to_a_reader_that_left_ends_quietly_with_the_sigpipe_code():
+    """``cnds-compile … | head``: once head exits, the next write fails; the command stops as a Unix tool
+    would (128 + SIGPIPE), without a traceback or "Exception ignored" at exit."""
+    code, _, err = run_reader_gone([sys.executable, "-m", "cnds_compiler.cli", str(SPECS / "googlenet_cnds.cnds"),
+                                    "--emit", "ir"], cwd=ROOT)
+    assert (code, err) == (141, "")

@@ -23,7 +23,7 @@ from PIL import Image
 from cnds_compiler import compile_spec
 from cnds_compiler.lowering.onnx_export import export_onnx
 
-from .conftest import SPECS
+from .conftest import SPECS, run_reader_gone
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -325,6 +325,12 @@ def test_cli_subprocess_has_no_traceback(models, images):
                         "sys.exit(predict_main(sys.argv[1:]))", str(models["plain"]), str(images["a.png"])],
                        capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.startswith("cnds-predict: error: ") and "Traceback" not in r.stderr
+
+
+def test_predict_to_a_reader_that_left_ends_quietly_with_the_sigpipe_code(models, images):
+    code, _, err = run_reader_gone([sys.executable, "-c", "import sys; from cnds_runtime.cli import predict_main; "
+                                    "sys.exit(predict_main(sys.argv[1:]))", str(models["digits"]), str(images["a.png"])])
+    assert (code, err) == (141, "")
 
 
 def test_16_bit_grey_png_is_scaled_like_its_8_bit_twin(tmp_path):

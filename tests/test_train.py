@@ -25,7 +25,7 @@ from cnds_compiler.train.optim import param_groups
 from cnds_compiler.train.state import init_from
 from cnds_compiler.train.trainer import GlobalBatchSampler
 
-from .conftest import SPECS
+from .conftest import SPECS, run_reader_gone
 
 TINY = """
 network tiny
@@ -229,6 +229,22 @@ def test_nonfinite_loss_stops_with_message_and_keeps_checkpoint(tmp_path):
     assert (out / "last.pt").read_bytes() == saved
 
 
+def test_a_closed_output_pipe_stops_the_run_with_every_record_of_the_last_epoch_kept(tmp_path):
+    """``cnds-train … | head -n 2``: the run stops at the next line it prints (epoch 2's), says where in one
+    line, releases its lock, and every file of the epochs it finished is complete, so --resume continues it."""
+    out = tmp_path / "run"
+    args = [str(SPECS / "digits_cnds8.cnds"), "--out", str(out), "--epochs", "3", "--no-progress", "--cpu",
+            "--limit-train", "256"]
+    code, read, err = run_reader_gone([sys.executable, "-m", "cnds_compiler.train.cli", *args], lines=2, env=_env())
+    assert read[0].startswith("training digits_cnds8") and read[1].startswith("epoch 1/3")
+    assert code == 141 and err.strip().splitlines() == [
+        f"{out}: output closed: at epoch 2 step 8; {out / 'last.pt'} (epoch 2) is intact: resume with --resume"]
+    assert load_checkpoint(out / "last.pt")["epoch"] == 2 and not (out / "train.lock").exists()
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    resumed = _train([*args, "--resume"])
+    assert resumed.returncode == 0 and "epoch 3/3" in resumed.stdout and "note:" not in resumed.stdout
+
+
 def _free_port() -> int:
     """A port nothing listens on now (a fixed one can still be in TIME_WAIT from the previous run)."""
     import socket
@@ -266,7 +282,7 @@ def test_two_processes_match_one_process(tmp_path, branch):
         capture_output=True, text=True, env=_env(), timeout=600,
     )
     assert two.returncode == 0, two.stderr[-3000:]
-    assert "2 process(es)" in two.stdout and two.stdout.count("done:") == 1  # only the main process reports
+    assert "2 processes" in two.stdout and two.stdout.count("done:") == 1  # only the main process reports
     rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     if branch == "zero-weight-epoch":
         assert rows[1]["alphas"]["conv3_2"] == 0 and "conv3_2" not in rows[1]["train_loss"]  # not computed
@@ -427,7 +443,7 @@ def test_processes_flag_runs_ddp_on_cpu_and_single_process_launch_is_reported(tm
     cpu_flag = common[-1:] if torch.cuda.is_available() else []
     two = _train([*common[:-1], *cpu_flag, "--out", str(tmp_path / "two"), "--processes", "2"])
     assert two.returncode == 0, two.stderr[-2000:]
-    assert "(2 process(es) × 32)" in two.stdout and two.stdout.count("done:") == 1
+    assert "(2 processes × 32)" in two.stdout and two.stdout.count("done:") == 1
     assert "OMP_NUM_THREADS" not in two.stderr  # the cores are shared out by cnds-train, not torchrun's banner
     # a worker's error is one line, said once, with its exit code: no launcher log lines or traceback
     again = _train([*common, "--out", str(tmp_path / "two"), "--processes", "2"])

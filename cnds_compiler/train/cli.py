@@ -8,7 +8,7 @@ import textwrap
 from pathlib import Path
 
 from ..cli_args import count_argument, fraction_argument, gib_argument, seed_argument
-from ..errors import CndsError, Interrupted, OutputError, command, report
+from ..errors import CndsError, Interrupted, OutputClosed, OutputError, command, report
 from ..ir import MAX_SEED
 
 DATA_HELP = ("digits (scikit-learn's bundled 8x8 digits, offline), fashion-mnist[:DIR] (IDX .gz files; "
@@ -208,11 +208,12 @@ def train_main(argv: list[str] | None = None) -> int:
             history = trainer.run()
             if not trainer.acc.is_main_process:
                 history = []  # only the main process reports
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, BrokenPipeError) as stop:
+            error = Interrupted if isinstance(stop, KeyboardInterrupt) else OutputClosed
             if trainer is not None and not trainer.acc.is_main_process:
-                return Interrupted.exit_code  # the main process says it, once
+                return error.exit_code  # the main process says it, once
             where = trainer.interruption() if trainer is not None else "before training started"
-            raise Interrupted(where, path=str(out) if out is not None else None) from None
+            raise error(where, path=str(out) if out is not None else None) from None
     except CndsError as e:
         _remove_if_empty(created_out)
         if trainer is None and int(os.environ.get("RANK", "0")) > 0:
@@ -220,7 +221,7 @@ def train_main(argv: list[str] | None = None) -> int:
         return report(e, args.traceback)
     if history:
         last = history[-1]
-        print(f"done: {len(history)} epochs, val top-1 error {last['val_top1_error']['main'] * 100:.2f}% "
+        print(f"done: {len(history)} epoch{'s' * (len(history) != 1)}, val top-1 error {last['val_top1_error']['main'] * 100:.2f}% "
               f"(accuracy {100 - last['val_top1_error']['main'] * 100:.2f}%), run in {out}")
     return 0
 

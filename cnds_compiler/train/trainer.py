@@ -442,8 +442,9 @@ class Trainer:
         if self.tensorboard:
             self.acc.init_trackers("tensorboard", config={k: v for k, v in flatten_metrics(asdict(self.cfg)).items()
                                                           if isinstance(v, (int, float, str, bool))})
-        self.print(f"training {self.net.name} on {self.data.description}: {self.cfg.epochs} epochs, "
-                   f"batch {self.cfg.batch} ({self.acc.num_processes} process(es) × {self.micro_batch}"
+        self.print(f"training {self.net.name} on {self.data.description}: {self.cfg.epochs} epoch{'s' * (self.cfg.epochs != 1)}, "
+                   f"batch {self.cfg.batch} ({self.acc.num_processes} process{'es' * (self.acc.num_processes > 1)} × "
+                   f"{self.micro_batch}"
                    f"{f' × {self.opts.grad_accum} accumulation' if self.opts.grad_accum > 1 else ''}), "
                    f"device {self.acc.device}"
                    + (f" ({torch.get_num_threads()} threads)" if self.acc.device.type == "cpu" else "")
@@ -648,15 +649,15 @@ class Trainer:
         alpha = " ".join(f"α[{k}]={v:.3f}" for k, v in m.alphas.items())
         losses = " ".join(f"{k} {v:.4f}" for k, v in m.train_loss.items())
         skipped = f" skipped {m.skipped}" if m.skipped else ""
-        print(f"epoch {m.epoch}/{self.cfg.epochs}: lr {m.lr:.4g} {alpha} | train loss {losses} | "
-              f"val top-1/top-5 error % {heads} | {m.images_per_s:.0f} img/s{skipped}", flush=True)
-        append_metrics(self.out, asdict(m))
+        append_metrics(self.out, asdict(m))  # the records first: a closed output pipe stops the run at the print
         self._write_csv()  # whole each epoch: a spreadsheet open on a long run sees every finished epoch
         if time.monotonic() - self._curves_drawn >= self.opts.curves_every:
             self._draw_curves()
         if self.tensorboard:
             self.acc.log({k: v for k, v in flatten_metrics(asdict(m)).items() if isinstance(v, (int, float))},
                          step=m.epoch)
+        print(f"epoch {m.epoch}/{self.cfg.epochs}: lr {m.lr:.4g} {alpha} | train loss {losses} | "
+              f"val top-1/top-5 error % {heads} | {m.images_per_s:.0f} img/s{skipped}", flush=True)
 
     def _write_csv(self) -> None:
         rows = [flatten_metrics(m) for m in self.history]

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import ImageError, ModelError, RuntimeCndsError
+from .errors import ImageError, ModelError, RuntimeCndsError, quiet_closed_streams
 from .extract import extract_local, extract_ray
 from .model import Batch, Classifier, CndsModel, softmax
 from .output import PARTS_SUFFIX
@@ -214,12 +214,17 @@ class PredictCLI(_CLI):
 
 
 def _interruptible(cli: type[_CLI], argv: list[str] | None) -> int:
-    """Ctrl-C while the arguments are read or the model loads, as during a run: one line, exit 130."""
+    """Ctrl-C while the arguments are read or the model loads, as during a run: one line, exit 130. A reader
+    that stops reading (``cnds-predict … | head``) ends the command quietly, as it would a Unix tool."""
     try:
-        return cli(argv).run()
+        code = cli(argv).run()
+        sys.stdout.flush()  # output still buffered for a pipe whose reader left fails here, not at exit
+        return code
     except KeyboardInterrupt:
         print(f"{cli.prog}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return quiet_closed_streams()
 
 
 def extract_main(argv: list[str] | None = None) -> int:

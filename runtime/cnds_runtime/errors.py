@@ -34,3 +34,26 @@ class ImageError(RuntimeCndsError):
 
 class OutputError(RuntimeCndsError):
     """An output cannot be written: unknown format, unwritable place, or it would overwrite an input."""
+
+
+BROKEN_PIPE_EXIT = 141
+"""Exit code of a command whose output's reader went away (``cnds-predict … | head``): 128 + SIGPIPE, what a
+shell reports for a tool the signal ended."""
+
+
+def quiet_closed_streams() -> int:
+    """After a :class:`BrokenPipeError`: flush what can still be written and point a closed stdout or stderr
+    at ``/dev/null``, so that the interpreter's flush at exit does not print the same error with a
+    traceback. Returns :data:`BROKEN_PIPE_EXIT`. Nothing is printed: the reader asked for no more."""
+    import os
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # the closed one; ValueError: already closed by the caller
+            try:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+            except (OSError, ValueError):
+                pass
+    return BROKEN_PIPE_EXIT
