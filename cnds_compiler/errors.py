@@ -190,6 +190,13 @@ class OutputClosed(Interrupted):
     exit_code = 141
 
 
+class OutputFailed(Interrupted):
+    """A long run's output could not be written (stdout on a full disk): the run stops as on Ctrl-C."""
+
+    kind = "cannot write the output"
+    exit_code = 1
+
+
 def did_you_mean(name: str, candidates: Iterable[str]) -> str | None:
     """A "did you mean ...?" hint for a misspelt ``name``, or ``None`` when nothing is close."""
     close = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.6)
@@ -214,8 +221,9 @@ def report(error: CndsError, show_traceback: bool = False) -> int:
 def command(prog: str):
     """Decorate a CLI's ``main(argv) -> int`` so that Ctrl-C at any moment, also while torch is being
     imported or arguments are parsed, ends it with one line on stderr and exit code 130 (128 + SIGINT), as
-    shells expect, never a traceback; and a reader that stops reading (``cnds-compile … | head``) ends it
-    quietly with 141 (128 + SIGPIPE), as it would a Unix tool. The one place that decides this for every
+    shells expect, never a traceback; a reader that stops reading (``cnds-compile … | head``) ends it
+    quietly with 141 (128 + SIGPIPE), as it would a Unix tool, and output that cannot be written (stdout on
+    a full disk) is one line and exit 1. The one place that decides this for every
     ``cnds-*`` command; a command that knows more (``cnds-train``: the epoch and step) raises
     :class:`Interrupted` itself."""
     import functools
@@ -231,10 +239,17 @@ def command(prog: str):
             except KeyboardInterrupt:
                 print(f"{prog}: interrupted", file=sys.stderr)
                 return Interrupted.exit_code
-            except BrokenPipeError:
-                from cnds_runtime.errors import quiet_closed_streams  # only now: the runtime imports numpy
+            except OSError as e:
+                # only now: importing the runtime loads numpy and onnxruntime
+                from cnds_runtime.errors import output_write_failed, quiet_closed_streams
 
-                return quiet_closed_streams()
+                if isinstance(e, BrokenPipeError):
+                    return quiet_closed_streams()  # nothing printed: the reader asked for no more
+                if not output_write_failed(e):
+                    raise
+                quiet_closed_streams()
+                print(f"{prog}: error: cannot write the output ({e.strerror})", file=sys.stderr)
+                return 1
 
         return run
 

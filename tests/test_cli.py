@@ -338,3 +338,11 @@ def test_output_to_a_reader_that_left_ends_quietly_with_the_sigpipe_code():
     code, _, err = run_reader_gone([sys.executable, "-m", "cnds_compiler.cli", str(SPECS / "googlenet_cnds.cnds"),
                                     "--emit", "ir"], cwd=ROOT)
     assert (code, err) == (141, "")
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (a device that is always full)")
+def test_output_that_cannot_be_written_is_one_line_not_a_traceback():
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-m", "cnds_compiler.cli", str(DIGITS), "--emit", "ir"], stdout=full,
+                           stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    assert (r.returncode, r.stderr) == (1, "cnds-compile: error: cannot write the output (No space left on device)\n")

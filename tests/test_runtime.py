@@ -333,6 +333,15 @@ def test_predict_to_a_reader_that_left_ends_quietly_with_the_sigpipe_code(models
     assert (code, err) == (141, "")
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (a device that is always full)")
+def test_predict_output_that_cannot_be_written_is_one_line(models, images):
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-c", "import sys; from cnds_runtime.cli import predict_main; "
+                            "sys.exit(predict_main(sys.argv[1:]))", str(models["digits"]), str(images["a.png"])],
+                           stdout=full, stderr=subprocess.PIPE, text=True)
+    assert (r.returncode, r.stderr) == (1, "cnds-predict: error: cannot write the output (No space left on device)\n")
+
+
 def test_16_bit_grey_png_is_scaled_like_its_8_bit_twin(tmp_path):
     from cnds_runtime.preprocess import eight_bit, open_image
     from PIL import Image

@@ -17,11 +17,12 @@ import torch.nn.functional as F
 from cnds_compiler import compile_text
 from cnds_compiler.backends.pytorch import build_module
 from cnds_compiler.checkpoint import load_checkpoint, save_checkpoint
-from cnds_compiler.errors import CheckpointError
+from cnds_compiler.errors import CheckpointError, OutputError
 from cnds_compiler.ir import LossKind
 from cnds_compiler.train.evaluate import topk_errors
 from cnds_compiler.train.loss import LossTally, alphas, deep_supervision_loss, squared_hinge
 from cnds_compiler.train.optim import param_groups
+from cnds_compiler.train.rundir import append_metrics
 from cnds_compiler.train.state import init_from
 from cnds_compiler.train.trainer import GlobalBatchSampler
 
@@ -243,6 +244,23 @@ def test_a_closed_output_pipe_stops_the_run_with_every_record_of_the_last_epoch_
     assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     resumed = _train([*args, "--resume"])
     assert resumed.returncode == 0 and "epoch 3/3" in resumed.stdout and "note:" not in resumed.stdout
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (a device that is always full)")
+def test_training_output_on_a_full_disk_stops_in_one_line_and_a_metrics_write_names_its_file(tmp_path):
+    out = tmp_path / "run"
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-m", "cnds_compiler.train.cli", str(SPECS / "digits_cnds8.cnds"), "--out",
+                            str(out), "--epochs", "1", "--no-progress", "--cpu", "--limit-train", "128"],
+                           stdout=full, stderr=subprocess.PIPE, text=True, env=_env(), timeout=600)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        f"{out}: cannot write the output: No space left on device; before the first epoch; no epoch was completed, "
+        "so nothing was saved"]
+    assert not (out / "train.lock").exists()
+    (tmp_path / "blocked" / "metrics.jsonl").mkdir(parents=True)  # what the append opens is a folder
+    with pytest.raises(OutputError, match="cannot write") as e:
+        append_metrics(tmp_path / "blocked", {"epoch": 1})
+    assert e.value.path == str(tmp_path / "blocked" / "metrics.jsonl")
 
 
 def _free_port() -> int:

@@ -8,7 +8,7 @@ import textwrap
 from pathlib import Path
 
 from ..cli_args import count_argument, fraction_argument, gib_argument, seed_argument
-from ..errors import CndsError, Interrupted, OutputClosed, OutputError, command, report
+from ..errors import CndsError, Interrupted, OutputClosed, OutputError, OutputFailed, command, report
 from ..ir import MAX_SEED
 
 DATA_HELP = ("digits (scikit-learn's bundled 8x8 digits, offline), fashion-mnist[:DIR] (IDX .gz files; "
@@ -208,12 +208,21 @@ def train_main(argv: list[str] | None = None) -> int:
             history = trainer.run()
             if not trainer.acc.is_main_process:
                 history = []  # only the main process reports
-        except (KeyboardInterrupt, BrokenPipeError) as stop:
-            error = Interrupted if isinstance(stop, KeyboardInterrupt) else OutputClosed
+        except (KeyboardInterrupt, OSError) as stop:
+            from cnds_runtime.errors import output_write_failed
+
+            if isinstance(stop, KeyboardInterrupt):
+                error, why = Interrupted, ""
+            elif isinstance(stop, BrokenPipeError):
+                error, why = OutputClosed, ""
+            elif output_write_failed(stop):
+                error, why = OutputFailed, f"{stop.strerror}; "
+            else:
+                raise
             if trainer is not None and not trainer.acc.is_main_process:
                 return error.exit_code  # the main process says it, once
             where = trainer.interruption() if trainer is not None else "before training started"
-            raise error(where, path=str(out) if out is not None else None) from None
+            raise error(why + where, path=str(out) if out is not None else None) from None
     except CndsError as e:
         _remove_if_empty(created_out)
         if trainer is None and int(os.environ.get("RANK", "0")) > 0:

@@ -191,9 +191,13 @@ def write_epoch_checkpoints(folder: Path, state: dict[str, Any], is_best: bool, 
 
 
 def append_metrics(folder: Path, record: dict) -> None:
-    """Step 3: one line of ``metrics.jsonl``."""
-    with open(folder / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """Step 3: one line of ``metrics.jsonl`` (a line torn by a full disk is repaired on ``--resume``)."""
+    path = folder / "metrics.jsonl"
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        raise OutputError(f"cannot write ({e.strerror or e})", path=str(path)) from None
 
 
 # ---- repairing on --resume -----------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import ImageError, ModelError, RuntimeCndsError, quiet_closed_streams
+from .errors import ImageError, ModelError, RuntimeCndsError, output_write_failed, quiet_closed_streams
 from .extract import extract_local, extract_ray
 from .model import Batch, Classifier, CndsModel, softmax
 from .output import PARTS_SUFFIX
@@ -215,7 +215,8 @@ class PredictCLI(_CLI):
 
 def _interruptible(cli: type[_CLI], argv: list[str] | None) -> int:
     """Ctrl-C while the arguments are read or the model loads, as during a run: one line, exit 130. A reader
-    that stops reading (``cnds-predict … | head``) ends the command quietly, as it would a Unix tool."""
+    that stops reading (``cnds-predict … | head``) ends the command quietly, as it would a Unix tool (141);
+    output that cannot be written (a full disk) is one line and exit 1."""
     try:
         code = cli(argv).run()
         sys.stdout.flush()  # output still buffered for a pipe whose reader left fails here, not at exit
@@ -224,7 +225,13 @@ def _interruptible(cli: type[_CLI], argv: list[str] | None) -> int:
         print(f"{cli.prog}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
-        return quiet_closed_streams()
+        return quiet_closed_streams()  # nothing printed: the reader asked for no more
+    except OSError as e:
+        if not output_write_failed(e):
+            raise
+        quiet_closed_streams()
+        print(f"{cli.prog}: error: cannot write the output ({e.strerror})", file=sys.stderr)
+        return 1
 
 
 def extract_main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,8 @@ line naming the file) and exit with code 1.
 
 from __future__ import annotations
 
+import errno
+
 
 class RuntimeCndsError(Exception):
     """Root of every error the runtime reports to a user."""
@@ -36,15 +38,26 @@ class OutputError(RuntimeCndsError):
     """An output cannot be written: unknown format, unwritable place, or it would overwrite an input."""
 
 
+OUTPUT_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EIO, errno.EFBIG, errno.EDQUOT})
+"""A full disk or a failing device under the command's output."""
+
+
+def output_write_failed(error: OSError) -> bool:
+    """Whether ``error`` is a failed write of a command's own output (stdout redirected to a full disk, say):
+    no file is named (every named file's errors are reported with their path where they happen) and the
+    errno is one of :data:`OUTPUT_WRITE_ERRNOS`. Anything else is left to show its traceback: a bug."""
+    return error.filename is None and error.errno in OUTPUT_WRITE_ERRNOS
+
+
 BROKEN_PIPE_EXIT = 141
 """Exit code of a command whose output's reader went away (``cnds-predict … | head``): 128 + SIGPIPE, what a
 shell reports for a tool the signal ended."""
 
 
 def quiet_closed_streams() -> int:
-    """After a :class:`BrokenPipeError`: flush what can still be written and point a closed stdout or stderr
-    at ``/dev/null``, so that the interpreter's flush at exit does not print the same error with a
-    traceback. Returns :data:`BROKEN_PIPE_EXIT`. Nothing is printed: the reader asked for no more."""
+    """After a failed write to stdout or stderr (a :class:`BrokenPipeError`, a full disk): flush what can
+    still be written and point a stream that cannot take it at ``/dev/null``, so that the interpreter's
+    flush at exit does not print the same error with a traceback. Returns :data:`BROKEN_PIPE_EXIT`."""
     import os
     import sys
 
