@@ -226,6 +226,7 @@ def command(prog: str):
     a full disk) is one line and exit 1. The one place that decides this for every
     ``cnds-*`` command; a command that knows more (``cnds-train``: the epoch and step) raises
     :class:`Interrupted` itself."""
+    import contextlib
     import functools
     import sys
 
@@ -248,7 +249,8 @@ def command(prog: str):
                 if not output_write_failed(e):
                     raise
                 quiet_closed_streams()
-                print(f"{prog}: error: cannot write the output ({e.strerror})", file=sys.stderr)
+                with contextlib.suppress(OSError):  # stderr may be on the same full disk
+                    print(f"{prog}: error: cannot write the output ({e.strerror})", file=sys.stderr)
                 return 1
 
         return run

@@ -230,8 +230,9 @@ def train_main(argv: list[str] | None = None) -> int:
         return report(e, args.traceback)
     if history:
         last = history[-1]
-        print(f"done: {len(history)} epoch{'s' * (len(history) != 1)}, val top-1 error {last['val_top1_error']['main'] * 100:.2f}% "
-              f"(accuracy {100 - last['val_top1_error']['main'] * 100:.2f}%), run in {out}")
+        error = last["val_top1_error"]["main"] * 100
+        print(f"done: {len(history)} epoch{'s' * (len(history) != 1)}, val top-1 error {error:.2f}% "
+              f"(accuracy {100 - error:.2f}%), run in {out}")
     return 0
 
 

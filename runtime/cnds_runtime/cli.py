@@ -7,6 +7,7 @@ User errors (a missing model, a file that is not a cnds export, an unreadable im
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -230,7 +231,8 @@ def _interruptible(cli: type[_CLI], argv: list[str] | None) -> int:
         if not output_write_failed(e):
             raise
         quiet_closed_streams()
-        print(f"{cli.prog}: error: cannot write the output ({e.strerror})", file=sys.stderr)
+        with contextlib.suppress(OSError):  # stderr may be on the same full disk
+            print(f"{cli.prog}: error: cannot write the output ({e.strerror})", file=sys.stderr)
         return 1
 
 
