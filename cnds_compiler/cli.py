@@ -99,16 +99,10 @@ class CompileCLI:
     def _refuse_overwriting_inputs(self) -> None:
         """``-o`` naming one of the command's own input files (the spec, ``--weights``) is refused before
         any work, so nothing the user has is overwritten."""
-        from .errors import OutputError
+        from .io import refuse_unsafe_output
 
         a = self.args
-        if not a.output:
-            return
-        out = Path(a.output).resolve()
-        for what, value in (("the spec", a.spec), ("--weights", a.weights)):
-            if value and Path(value).resolve() == out:
-                raise OutputError(f"-o would overwrite {what}, an input of this command; choose another file",
-                                  path=str(a.output))
+        refuse_unsafe_output(a.output or None, "-o", (("the spec", a.spec), ("--weights", a.weights)))
 
     def _load(self):
         from .frontend import compile_spec

@@ -4,7 +4,29 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
+
+
+def refuse_unsafe_output(output: str | Path | None, option: str,
+                         inputs: Iterable[tuple[str, str | Path | None]] = (), *, kind: str = "",
+                         suffixes: tuple[str, ...] = ()) -> None:
+    """Refuse, before any work, an output option (``-o``, ``--plot``, ``--json``, ``--write``) that names one
+    of the command's own ``inputs`` (``(what, path)`` pairs), or whose name does not end as the ``kind`` of
+    file it writes does (``suffixes``): a PNG written over ``last.pt``, JSON over the spec. One
+    :class:`~cnds_compiler.errors.OutputError` naming the path; nothing is written."""
+    from .errors import OutputError
+
+    if output is None:
+        return
+    out = Path(output)
+    if suffixes and out.suffix.lower() not in suffixes:
+        raise OutputError(f"{option} writes {kind}: give it a file name ending in {' or '.join(suffixes)}",
+                          path=str(out))
+    for what, value in inputs:
+        if value is not None and Path(value).resolve() == out.resolve():
+            raise OutputError(f"{option} would overwrite {what}, an input of this command; choose another file",
+                              path=str(out))
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -313,3 +313,30 @@ def test_cnds_gradplot_compares_runs(tmp_path, capsys):
     assert gradplot_main([str(tmp_path / "cnn8"), "--layer", "conv3_2", "--plot", str(png)]) == 1
     err = capsys.readouterr().err
     assert "no gradients of 'conv3_2'" in err and "did you mean 'conv3_1'" in err
+
+
+def test_probe_and_gradplot_outputs_never_overwrite_an_input_or_a_run_file(specs, tmp_path, capsys):
+    """Refused in one line before any work: a PNG or JSON over the spec, --write over it, a PNG over a
+    checkpoint or a gradient log (file names that do not end as the file written does)."""
+    from cnds_compiler.probe.cli import gradplot_main, probe_main
+
+    spec = specs / "small8.cnds"
+    before = spec.read_bytes()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "gradients.json").write_text(json.dumps([{"step": 0, "conv1": 1e-6}]))
+    (run / "last.pt").write_bytes(b"weights")
+    cases = [
+        (probe_main, [str(spec), "--iters", "4", "--plot", str(spec)], f"{spec}: output error: --plot writes a PNG "
+         "image: give it a file name ending in .png"),
+        (probe_main, [str(spec), "--iters", "4", "--no-plot", "--json", str(spec)], "--json writes JSON"),
+        (probe_main, [str(spec), "--iters", "4", "--no-plot", "--write", str(spec)],
+         "--write would overwrite the probed spec, an input of this command"),
+        (gradplot_main, [str(run), "--plot", str(run / "last.pt")], "--plot writes a PNG image"),
+        (gradplot_main, [str(run / "gradients.json"), "--plot", str(run / "gradients.json")], "--plot writes"),
+    ]
+    for main, argv, message in cases:
+        assert main([*argv, "--no-progress"] if main is probe_main else argv) == 1
+        out, err = capsys.readouterr()
+        assert message in err and len(err.strip().splitlines()) == 1 and out == ""  # the probe never ran
+    assert spec.read_bytes() == before and (run / "last.pt").read_bytes() == b"weights"

@@ -132,8 +132,14 @@ def probe_main(argv: list[str] | None = None) -> int:
         parser.error("--threshold must be > 0, --std and --lr >= 0")
     try:
         from ..frontend import compile_spec
-        from ..io import atomic_write_text
+        from ..io import atomic_write_text, refuse_unsafe_output
         from .run import ProbeSettings, run_probe
+
+        spec = (("the probed spec", args.spec),)  # checked before the probe's minutes of work
+        refuse_unsafe_output(None if args.no_plot else args.plot, "--plot", spec, kind="a PNG image",
+                             suffixes=(".png",))
+        refuse_unsafe_output(args.json, "--json", spec, kind="JSON", suffixes=(".json",))
+        refuse_unsafe_output(args.write, "--write", spec)
 
         if args.threads:
             import torch
@@ -240,14 +246,17 @@ def gradplot_main(argv: list[str] | None = None) -> int:
     if args.smooth < 1:
         parser.error("--smooth must be at least 1")
     try:
+        from ..io import refuse_unsafe_output
         from .plots import load_gradient_log, plot_gradient_comparison
 
+        target = args.plot or args.output or Path("gradients.png")
+        refuse_unsafe_output(target, "--plot", [(f"the gradient log {run}", run) for run in args.runs],
+                             kind="a PNG image", suffixes=(".png",))
         labels = args.label or [None] * len(args.runs)
         logs = [load_gradient_log(run, label) for run, label in zip(args.runs, labels, strict=True)]
         if args.output is not None:
             print("cnds-gradplot: note: -o/--output is now --plot, as in cnds-probe; -o still works",
                   file=sys.stderr)
-        target = args.plot or args.output or Path("gradients.png")
         out = plot_gradient_comparison(logs, args.layer, target, threshold=args.threshold,
                                        smooth=args.smooth, title=args.title)
     except CndsError as e:
