@@ -233,6 +233,9 @@ def command(prog: str):
     def decorate(main):
         @functools.wraps(main)
         def run(argv: list[str] | None = None) -> int:
+            # a stdout that cannot encode a character (PYTHONIOENCODING=ascii) escapes it, as stderr does
+            with contextlib.suppress(AttributeError, ValueError):
+                sys.stdout.reconfigure(errors="backslashreplace")
             try:
                 code = main(argv)
                 sys.stdout.flush()  # output still buffered for a pipe whose reader left fails here, not at exit

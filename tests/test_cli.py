@@ -346,3 +346,13 @@ def test_output_that_cannot_be_written_is_one_line_not_a_traceback():
         r = subprocess.run([sys.executable, "-m", "cnds_compiler.cli", str(DIGITS), "--emit", "ir"], stdout=full,
                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
     assert (r.returncode, r.stderr) == (1, "cnds-compile: error: cannot write the output (No space left on device)\n")
+
+
+def test_a_stdout_that_cannot_encode_a_character_gets_it_escaped():
+    """``PYTHONIOENCODING=ascii`` (or a latin-1 terminal): the summary's α₀ is written escaped, as Python
+    writes stderr, not a UnicodeEncodeError traceback."""
+    import os
+
+    r = subprocess.run([sys.executable, "-m", "cnds_compiler.cli", str(DIGITS)], capture_output=True, cwd=ROOT,
+                       env=dict(os.environ, PYTHONIOENCODING="ascii"))
+    assert r.returncode == 0 and b"\\u03b1\\u2080=0.3" in r.stdout and r.stderr == b""

@@ -342,6 +342,18 @@ def test_predict_output_that_cannot_be_written_is_one_line(models, images):
     assert (r.returncode, r.stderr) == (1, "cnds-predict: error: cannot write the output (No space left on device)\n")
 
 
+def test_predict_escapes_a_name_its_stdout_cannot_encode(models, images, tmp_path):
+    import os
+    import shutil
+
+    named = tmp_path / "caf\u00e9.png"
+    shutil.copy(images["a.png"], named)
+    r = subprocess.run([sys.executable, "-c", "import sys; from cnds_runtime.cli import predict_main; "
+                        "sys.exit(predict_main(sys.argv[1:]))", str(models["digits"]), str(named)],
+                       capture_output=True, env=dict(os.environ, PYTHONIOENCODING="ascii"))
+    assert r.returncode == 0 and r.stdout.startswith(str(tmp_path).encode() + b"/caf\\xe9.png: ") and r.stderr == b""
+
+
 def test_16_bit_grey_png_is_scaled_like_its_8_bit_twin(tmp_path):
     from cnds_runtime.preprocess import eight_bit, open_image
     from PIL import Image

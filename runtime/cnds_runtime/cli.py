@@ -218,6 +218,8 @@ def _interruptible(cli: type[_CLI], argv: list[str] | None) -> int:
     """Ctrl-C while the arguments are read or the model loads, as during a run: one line, exit 130. A reader
     that stops reading (``cnds-predict … | head``) ends the command quietly, as it would a Unix tool (141);
     output that cannot be written (a full disk) is one line and exit 1."""
+    with contextlib.suppress(AttributeError, ValueError):  # a stdout that cannot encode a name escapes it
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         code = cli(argv).run()
         sys.stdout.flush()  # output still buffered for a pipe whose reader left fails here, not at exit
