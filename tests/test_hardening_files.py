@@ -53,9 +53,10 @@ def quick(monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     monkeypatch.setattr("cnds_compiler.train.plots.plot_curves", lambda *a, **k: None)
-    sigterm = signal.getsignal(signal.SIGTERM)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
     yield
-    signal.signal(signal.SIGTERM, sigterm)  # train_main installs its own
+    for sig, handler in handlers.items():  # train_main installs its own
+        signal.signal(sig, handler)
     torch.set_num_threads(threads)
 
 
@@ -538,6 +539,28 @@ def test_a_real_sigint_and_a_second_training_meanwhile(tmp_path, net, quick, cap
     assert epoch >= 1 and f"last.pt (epoch {epoch}) is intact" in err
     history = train(net, tmp_path, epochs=5000, resume=True, stop_after=epoch + 1)  # one more epoch
     assert [m["epoch"] for m in history] == list(range(1, epoch + 2))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_and_a_closed_terminal_release_the_lock_and_leave_a_resumable_run(tmp_path, sig):
+    """``kill`` (or a batch system's time limit) and SIGHUP (the terminal or ssh session closed) unwind like
+    an error: exit 128 + the signal, no traceback, the lock released, last.pt whole."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0",
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "runtime"), os.environ.get("PYTHONPATH", "")]))
+    args = [sys.executable, "-m", "cnds_compiler.train.cli", str(SPEC), "--out", str(tmp_path), "--cpu",
+            "--no-progress", "--epochs", "5000", "--limit-train", "256", "--limit-val", "128"]
+    run = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (tmp_path / "metrics.jsonl").exists():
+            time.sleep(0.05)
+        run.send_signal(sig)
+        _, err = run.communicate(timeout=120)
+    finally:
+        run.kill()
+    assert run.returncode == 128 + sig and "Traceback" not in err, err
+    assert not (tmp_path / LOCK_NAME).exists() and not list(tmp_path.glob(".*.tmp"))
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] >= 1
 
 
 # ---- family 3: anything that is not a cnds checkpoint ---------------------------------------------------------

@@ -138,16 +138,21 @@ def _warn_single_process_launch() -> None:
 
 
 def _terminate_as_exit() -> None:
-    """SIGTERM (``kill``, a batch system's time limit, torchrun stopping its workers) unwinds like an error:
-    the run lock is released and a checkpoint being written is left whole (its temp file removed)."""
+    """SIGTERM (``kill``, a batch system's time limit, torchrun stopping its workers) and SIGHUP (the terminal
+    or ssh session closed) unwind like an error: the run lock is released and a checkpoint being written is
+    left whole (its temp file removed); the exit code is 128 + the signal's number, as when it kills."""
     import signal
     import threading
 
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        def stop(signum, frame):
-            raise SystemExit(128 + signum)
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
 
-        signal.signal(signal.SIGTERM, stop)
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for name in ("SIGTERM", "SIGHUP"):  # no SIGHUP on Windows
+        signum = getattr(signal, name, None)
+        if signum is not None and signal.getsignal(signum) is signal.SIG_DFL:
+            signal.signal(signum, stop)
 
 
 def _remove_if_empty(folder: Path | None) -> None:
