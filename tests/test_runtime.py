@@ -354,6 +354,16 @@ def test_predict_escapes_a_name_its_stdout_cannot_encode(models, images, tmp_pat
     assert r.returncode == 0 and r.stdout.startswith(str(tmp_path).encode() + b"/caf\\xe9.png: ") and r.stderr == b""
 
 
+@pytest.mark.parametrize("threads", ["0", "-1", "100000"])
+def test_thread_counts_outside_1_to_1024_are_usage_errors(models, images, tmp_path, threads, capsys):
+    """onnxruntime starts every thread it is told to: --threads 100000 hung the command, silently."""
+    for main, extra in ((predict_main, []), (extract_main, ["--out", str(tmp_path / "f.npz")])):
+        with pytest.raises(SystemExit) as e:
+            main([str(models["digits"]), str(images["a.png"]), "--threads", threads, *extra])
+        assert e.value.code == 2 and "--threads must be between 1 and 1024" in capsys.readouterr().err
+    assert not (tmp_path / "f.npz").exists()
+
+
 def test_16_bit_grey_png_is_scaled_like_its_8_bit_twin(tmp_path):
     from cnds_runtime.preprocess import eight_bit, open_image
     from PIL import Image

@@ -57,6 +57,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--traceback", action="store_true", help="show Python tracebacks on errors")
 
 
+MAX_THREADS = 1024
+"""The most intra-op threads a command asks onnxruntime for (more cores than any one machine here has)."""
+
+
 class _CLI:
     prog = ""
 
@@ -65,6 +69,9 @@ class _CLI:
         self.args = self.parser.parse_args(args)
         if self.args.batch_size < 1:
             self.parser.error("--batch-size must be >= 1")
+        if self.args.threads is not None and not 1 <= self.args.threads <= MAX_THREADS:
+            # onnxruntime starts every thread it is told to: 100,000 of them never finished starting
+            self.parser.error(f"--threads must be between 1 and {MAX_THREADS}")
 
     def run(self) -> int:
         try:
