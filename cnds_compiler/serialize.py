@@ -208,14 +208,19 @@ def graph_of_v1(doc: dict, r: _Reader, net_span: Span, input_shape: Shape):
     return tuple(nodes), tuple(heads), tuple(statements)
 
 
+def train_config_from_dict(doc: dict) -> TrainConfig:
+    """A :class:`TrainConfig` from its JSON form (the IR's ``train``, a checkpoint's ``train_config``)."""
+    t = dict(doc)
+    p = t.pop("lr_policy")
+    return TrainConfig(lr_policy=LrPolicy(p["kind"], p["gamma"], p["every"], tuple(p["milestones"]), p["power"]), **t)
+
+
 def from_json_dict(doc: Any, name: str = "<ir>") -> Network:
     version = validate(doc, name)
     sources = [Source(s["name"], s["text"]) for s in doc["sources"]]
     r = _Reader(sources)
     try:
-        t = dict(doc["train"])
-        p = t.pop("lr_policy")
-        train = TrainConfig(lr_policy=LrPolicy(p["kind"], p["gamma"], p["every"], tuple(p["milestones"]), p["power"]), **t)
+        train = train_config_from_dict(doc["train"])
         dd = doc["data"]
         data = DataConfig(
             resize=tuple(dd["resize"]) if dd["resize"] else None,

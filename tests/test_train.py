@@ -263,6 +263,29 @@ def test_training_output_on_a_full_disk_stops_in_one_line_and_a_metrics_write_na
     assert e.value.path == str(tmp_path / "blocked" / "metrics.jsonl")
 
 
+def test_resume_alone_continues_with_the_runs_own_flags_and_a_flag_given_again_overrides_with_a_note(tmp_path):
+    """A run started with --epochs 4 and stopped after 2: --resume without the flag trains epochs 3-4 of that
+    run (the spec says 30), ending bit-identical to the uninterrupted run; --epochs below what is done is
+    refused in one line; --lr given again overrides the run's, with a note."""
+    common = [str(SPECS / "digits_cnds8.cnds"), "--no-progress", "--cpu", "--limit-train", "128", "--limit-val", "64"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert _train([*common, "--out", str(whole), "--epochs", "4"]).returncode == 0
+    assert _train([*common, "--out", str(part), "--epochs", "4", "--max-steps", "4"]).returncode == 0  # 2 epochs
+    resumed = _train([*common, "--out", str(part), "--resume"])
+    assert resumed.returncode == 0 and "resumed" in resumed.stdout and "at epoch 2/4" in resumed.stdout
+    assert "done: 4 epochs" in resumed.stdout and "note:" not in resumed.stdout
+    a, b = (load_checkpoint(d / "last.pt")["model"] for d in (whole, part))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    fewer = _train([*common, "--out", str(whole), "--resume", "--epochs", "3"])
+    assert fewer.returncode == 1 and fewer.stderr.strip().splitlines() == [
+        f"{whole}: training error: the run has trained 4 epochs already, more than --epochs 3: nothing to train; "
+        "give --epochs above 4 to train it further"]
+    more = _train([*common, "--out", str(whole), "--resume", "--epochs", "5", "--lr", "0.01"])
+    assert more.returncode == 0 and "note: --epochs 5 replaces the run's 4 from here on" in more.stdout
+    assert "note: --lr 0.01 replaces the run's 0.05 from here on" in more.stdout and "done: 5 epochs" in more.stdout
+    assert json.loads(load_checkpoint(whole / "last.pt")["train_config"])["lr"] == 0.01
+
+
 def _free_port() -> int:
     """A port nothing listens on now (a fixed one can still be in TIME_WAIT from the previous run)."""
     import socket

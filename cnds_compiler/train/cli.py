@@ -64,7 +64,7 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--processes", type=count_argument(1), default=1, metavar="N",
                    help="run N processes (DDP over gloo on CPU, NCCL on GPUs) through torchrun; the same as "
                    "`torchrun --nproc_per_node N -m cnds_compiler.train.cli ...` (default 1)")
-    p.add_argument("--epochs", type=count_argument(1), help="override the spec's epochs")
+    p.add_argument("--epochs", type=count_argument(1), help="override the spec's epochs (with --resume: the run's)")
     p.add_argument("--batch-size", type=count_argument(1), help="override the spec's (global) batch size")
     p.add_argument("--lr", type=float, help="override the spec's base learning rate")
     p.add_argument("--momentum", type=float, help="override the spec's momentum")
@@ -184,14 +184,22 @@ def train_main(argv: list[str] | None = None) -> int:
         try:
             from ..frontend import compile_spec
             from ..memory import budget_from_gib
+            from .rundir import saved_train_config
             from .trainer import RunOptions, Trainer, effective_config
 
             net = compile_spec(args.spec)
-            cfg = effective_config(net, {
+            out = Path(args.out) if args.out else Path("runs") / net.name
+            overrides = {
                 "epochs": args.epochs, "batch": args.batch_size, "lr": args.lr, "momentum": args.momentum,
                 "weight_decay": args.weight_decay, "optimizer": args.optimizer, "seed": args.seed,
-            })
-            out = Path(args.out) if args.out else Path("runs") / net.name
+            }
+            saved = saved_train_config(out) if args.resume else None  # --resume alone: the run's own settings
+            cfg = effective_config(net, overrides, saved)
+            if saved is not None and int(os.environ.get("RANK", "0")) == 0:
+                for key, value in overrides.items():
+                    if value is not None and value != getattr(saved, key):
+                        flag = "--batch-size" if key == "batch" else f"--{key.replace('_', '-')}"
+                        print(f"note: {flag} {value} replaces the run's {getattr(saved, key)} from here on")
             created_out = out if not out.exists() else None
             try:
                 out.mkdir(parents=True, exist_ok=True)

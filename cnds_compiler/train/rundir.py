@@ -34,7 +34,7 @@ from typing import Any
 from ..checkpoint import checkpoint_bytes, load_checkpoint
 from ..errors import CheckpointError, CorruptCheckpointError, OutputError, RunLockedError
 from ..io import atomic_write_bytes, atomic_write_text
-from ..ir import Network
+from ..ir import Network, TrainConfig
 
 LOCK_NAME = "train.lock"
 
@@ -198,6 +198,23 @@ def append_metrics(folder: Path, record: dict) -> None:
             f.write(json.dumps(record) + "\n")
     except OSError as e:
         raise OutputError(f"cannot write ({e.strerror or e})", path=str(path)) from None
+
+
+def saved_train_config(folder: Path) -> TrainConfig | None:
+    """The solver settings a run was trained with (epochs, batch, lr, … after its flags), read from its newest
+    readable checkpoint without loading the tensors (memory-mapped), so ``--resume`` alone continues it with
+    them; ``None`` when no checkpoint tells (none yet, or damaged: the full load on resume reports that)."""
+    import torch
+
+    from ..serialize import train_config_from_dict
+
+    for name in ("last.pt", "best.pt"):
+        try:
+            state = torch.load(folder / name, map_location="cpu", weights_only=True, mmap=True)
+            return train_config_from_dict(json.loads(state["train_config"]))
+        except Exception:  # missing, damaged or older: the next candidate, then the spec's settings
+            continue
+    return None
 
 
 # ---- repairing on --resume -----------------------------------------------------------------------------

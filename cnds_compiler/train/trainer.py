@@ -150,8 +150,9 @@ _OVERRIDE_RANGES = {
 }
 
 
-def effective_config(net: Network, overrides: dict[str, Any]) -> TrainConfig:
-    """The spec's solver settings with the CLI's overrides applied (checked like the spec's own values)."""
+def effective_config(net: Network, overrides: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
+    """The spec's solver settings (or ``base``: a resumed run's own) with the CLI's overrides applied (checked
+    like the spec's own values)."""
     given = {k: v for k, v in overrides.items() if v is not None}
     for key, value in given.items():
         if isinstance(value, float) and not math.isfinite(value):
@@ -160,7 +161,7 @@ def effective_config(net: Network, overrides: dict[str, Any]) -> TrainConfig:
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             bounds = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
             raise TrainingError(f"--{key.replace('_', '-')} must be {bounds}, got {value}")
-    return replace(net.train, **given)
+    return replace(base or net.train, **given)
 
 
 def check_speed_options(opts: RunOptions) -> None:
@@ -364,7 +365,12 @@ class Trainer:
         self.best_epoch = None if resumed.best_lost else ckpt.get("best_epoch", _recorded_best(self.history))
         self.grad_log = list(ckpt.get("grad_log", []))
         self.saved_channels_last = saved_channels_last(ckpt)
-        self.print(f"resumed {resumed.path} at epoch {self.start_epoch}/{self.cfg.epochs}")
+        if self.start_epoch > self.cfg.epochs:
+            raise TrainingError(f"the run has trained {self.start_epoch} epochs already, more than --epochs "
+                                f"{self.cfg.epochs}: nothing to train; give --epochs above {self.start_epoch} to "
+                                "train it further", path=str(self.out))
+        self.print(f"resumed {resumed.path} at epoch {self.start_epoch}/{self.cfg.epochs}"
+                   + (": the run is complete, nothing to train" if self.start_epoch == self.cfg.epochs else ""))
 
     def _layout(self) -> bool:
         """Channels-last or not: as asked, else as the resumed checkpoint was trained, else the default."""
