@@ -256,6 +256,22 @@ def test_bad_outputs_are_one_line_and_write_nothing(args, message, models, folde
     assert {p: p.stat().st_mtime_ns for p in before} == before
 
 
+def test_a_line_break_in_an_image_name_is_refused_for_npy_and_kept_whole_in_npz(models, tmp_path, capsys):
+    """``NAME.npy.paths.txt`` lists one path per line: a name with a line break would shift every later row's
+    name by one, silently. Refused before any work for .npy; .npz (and Parquet) store each path whole."""
+    d = tmp_path / "imgs"
+    _write_images(d, 2, size=(24, 24))
+    odd = d / "a\u2028b.png"  # a line boundary to str.splitlines, as \n and \r are
+    (d / "img0000.png").rename(odd)
+    args = [str(models["fc7"]), str(d), "--no-progress"]
+    assert extract_main([*args, "--out", str(tmp_path / "f.npy")]) == 1
+    err = capsys.readouterr().err
+    assert "has a line break in its name, so f.npy.paths.txt could not list it" in err and err.count("\n") == 1
+    assert not (tmp_path / "f.npy").exists() and not (tmp_path / "f.npy.paths.txt").exists()
+    assert extract_main([*args, "--out", str(tmp_path / "f.npz")]) == 0
+    assert sorted(read_features(tmp_path / "f.npz")[0]) == sorted([str(odd), str(d / "img0001.jpg")])
+
+
 def test_parquet_without_pyarrow_and_runtime_without_ray(models, folder, tmp_path):
     """The runtime imports neither Ray nor pyarrow unless asked; without them .npz works and .parquet says why."""
     code = f"""

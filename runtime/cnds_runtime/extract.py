@@ -148,6 +148,12 @@ def check_output(out: Path, model_path: Path, paths: Sequence[str], extra: Seque
     images = {os.path.abspath(p) for p in paths}
     if targets & images or {os.path.abspath(t) for t in (out, *extra)} & images:
         raise OutputError("the output would overwrite one of the input images; choose another --out", str(out))
+    if out.suffix.lower() == ".npy":  # the paths go one per line into OUT.paths.txt
+        broken = next((p for p in paths if p.splitlines() != [p]), None)
+        if broken is not None:
+            raise OutputError(f"the image {broken!r} has a line break in its name, so {out.name}.paths.txt "
+                              "could not list it on one line (every later row would get the wrong name); rename "
+                              "it, or write .npz or .parquet, which keep each path whole", str(out))
 
 
 # ---- the local engine --------------------------------------------------------------------------------
