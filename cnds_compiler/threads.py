@@ -41,6 +41,15 @@ def busy_cores(seconds: float = SAMPLE_SECONDS) -> float | None:
     return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / elapsed)
 
 
+def _note(message: str) -> None:
+    """A setting read from the environment that cannot be used: one line on stderr, from the main process
+    only (``--processes`` workers read the same variables)."""
+    import sys
+
+    if os.environ.get("RANK", "0") == "0":
+        print(f"note: {message}", file=sys.stderr)
+
+
 def configure_threads(env: dict | None = None, processes: int = 1) -> str:
     """Set ``OMP_NUM_THREADS``/``OMP_WAIT_POLICY`` in ``env`` (default ``os.environ``) unless chosen.
 
@@ -54,9 +63,10 @@ def configure_threads(env: dict | None = None, processes: int = 1) -> str:
         return "threads: as set"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if choice != "auto":
-        try:
-            threads = max(1, int(choice))
-        except ValueError:
+        threads = int(choice) if choice.isdigit() and int(choice) >= 1 else None
+        if threads is None:
+            _note(f"CNDS_THREADS={env['CNDS_THREADS']!r} is not 'auto', 'torch' or a number of threads (1 or "
+                  f"more); using {cores}, this machine's cores")
             threads = cores
         env["OMP_NUM_THREADS"] = str(threads)
         return f"threads: {threads} (CNDS_THREADS)"
@@ -107,6 +117,8 @@ def configure_allocator(env: dict | None = None, mallopt=None) -> str:
     choice = env.get("CNDS_ALLOCATOR", "reuse").strip().lower()
     if choice == "system":
         return "memory: the system allocator's defaults (CNDS_ALLOCATOR=system)"
+    if choice != "reuse":
+        _note(f"CNDS_ALLOCATOR={env['CNDS_ALLOCATOR']!r} is not 'reuse' or 'system'; keeping freed memory for reuse")
     if any(k in env for k in MALLOC_ENV) or "glibc.malloc" in env.get("GLIBC_TUNABLES", ""):
         return "memory: malloc settings as set"
     mallopt = _glibc_mallopt() if mallopt is None else mallopt

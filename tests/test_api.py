@@ -70,7 +70,7 @@ def test_eval_json_and_per_class(tmp_path, capsys):
     assert "class (main head)" in text and len(text.strip().splitlines()) == 1 + 4 + 2 + 10
 
 
-def test_thread_choice(monkeypatch):
+def test_thread_choice(monkeypatch, capsys):
     import os
 
     from cnds_compiler import threads
@@ -89,6 +89,12 @@ def test_thread_choice(monkeypatch):
     env = {"CNDS_THREADS": "3"}
     threads.configure_threads(env)
     assert env["OMP_NUM_THREADS"] == "3"
+    for bad in ("abc", "0", "-3", "2.5"):  # said in one line, and the machine's cores used
+        env = {"CNDS_THREADS": bad}
+        threads.configure_threads(env)
+        assert env["OMP_NUM_THREADS"] == str(cores)
+        assert capsys.readouterr().err == (f"note: CNDS_THREADS={bad!r} is not 'auto', 'torch' or a number of "
+                                           f"threads (1 or more); using {cores}, this machine's cores\n")
     env = {}
     threads.configure_threads(env, processes=cores + 1)  # busy, and more processes than free cores: 1 each
     assert env == {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
@@ -99,7 +105,7 @@ def test_thread_choice(monkeypatch):
     assert threads.busy_cores(0.01) is not None  # /proc/stat is readable here
 
 
-def test_allocator_choice():
+def test_allocator_choice(capsys):
     from cnds_compiler import threads
 
     calls = []
@@ -115,6 +121,9 @@ def test_allocator_choice():
                 {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0"}):
         assert "reuse" not in threads.configure_allocator(dict(env), mallopt) and not calls, env  # the user's choice
     assert "refused" in threads.configure_allocator({}, lambda param, value: 0)
+    assert threads.configure_allocator({"CNDS_ALLOCATOR": "bogus"}, mallopt) == "memory: freed blocks kept for reuse"
+    assert capsys.readouterr().err == ("note: CNDS_ALLOCATOR='bogus' is not 'reuse' or 'system'; keeping freed "
+                                       "memory for reuse\n")
 
 
 REUSE_PROBE = """
