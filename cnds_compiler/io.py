@@ -125,9 +125,12 @@ def read_bounded_text(path: str | Path, what: str, error: type, limit: int = MAX
     if len(data) > limit:
         raise error(f"{what} is over the limit of {limit:,} bytes", path=str(path))
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # a byte-order mark, as Windows editors write, is not text
     except UnicodeDecodeError as e:
-        raise error(f"cannot read {what}: not UTF-8 text (byte {e.start})", path=str(path)) from None
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - data.rfind(b"\n", 0, e.start)
+        raise error(f"cannot read {what}: not UTF-8 text (line {line}, column {column}: byte 0x{data[e.start]:02x}; "
+                    "save it as UTF-8)", path=str(path)) from None
 
 
 def file_kind(mode: int) -> str:

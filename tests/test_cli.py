@@ -16,7 +16,7 @@ import jsonschema
 import pytest
 
 from cnds_compiler.cli import CompileCLI, compile_main
-from cnds_compiler.errors import ShapeError, SupervisionError
+from cnds_compiler.errors import CndsError, ShapeError, SupervisionError
 from cnds_compiler.passes import DEFAULT_PIPELINE, get_all_passes
 from cnds_compiler.serialize import schema
 
@@ -356,3 +356,17 @@ def test_a_stdout_that_cannot_encode_a_character_gets_it_escaped():
     r = subprocess.run([sys.executable, "-m", "cnds_compiler.cli", str(DIGITS)], capture_output=True, cwd=ROOT,
                        env=dict(os.environ, PYTHONIOENCODING="ascii"))
     assert r.returncode == 0 and b"\\u03b1\\u2080=0.3" in r.stdout and r.stderr == b""
+
+
+def test_a_byte_order_mark_is_not_text_and_a_non_utf8_byte_is_placed(tmp_path):
+    from cnds_compiler import compile_spec
+
+    bom = tmp_path / "bom.cnds"
+    bom.write_bytes(b"\xef\xbb\xbf" + DIGITS.read_bytes())  # as Windows editors save UTF-8
+    assert compile_spec(bom).digest() == compile_spec(DIGITS).digest()
+    latin = tmp_path / "latin.cnds"
+    latin.write_bytes(DIGITS.read_bytes().replace(b"conv2: conv(32)", b"conv2: conv(32) # caf\xe9"))
+    with pytest.raises(CndsError) as e:
+        compile_spec(latin)
+    assert e.value.render() == (f"{latin}: error: cannot read spec file: not UTF-8 text (line 13, column 22: "
+                                "byte 0xe9; save it as UTF-8)")
