@@ -324,6 +324,10 @@ def test_imagefolder_layout_errors(tmp_path, rgb_net):
     with pytest.raises(DataError, match="no such directory") as e:
         load_source(f"imagefolder:{tmp_path / 'none'}", rgb_net)
     assert e.value.path == str(tmp_path / "none")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(DataError, match="image folder is a file, not a folder") as e:
+        load_source(f"imagefolder:{tmp_path / 'afile'}", rgb_net)
+    assert e.value.path == str(tmp_path / "afile")
     root = make_imagefolder(tmp_path / "a", classes=3, per_class=1, size=(8, 8))
     (root / "val" / "class_xyz").mkdir()
     with pytest.raises(DataError, match="val class 'class_xyz' is not a train class") as e:

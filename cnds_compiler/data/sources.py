@@ -264,8 +264,9 @@ def _idx_file(root: Path, stem: str) -> Path:
 def _load_fmnist(name: str, root: Path, net: Network, fit, ten_crop, limit_train, limit_val, seed, val_split=None,
                  split_seed=0):
     if not root.is_dir():
+        found = "a file, not a directory" if root.exists() else "no such directory"
         raise DataError(
-            "Fashion-MNIST not found: no such directory; install it with "
+            f"Fashion-MNIST not found: {found}; install it with "
             "`apt-get install -y dataset-fashion-mnist` or pass --data fashion-mnist:DIR",
             path=str(root),
         )
@@ -314,7 +315,8 @@ def _image_files(folder: Path) -> list[str]:
 def _load_imagefolder(name, root: Path, net: Network, fit, strict, ten_crop, limit_train, limit_val, seed,
                       val_split=None, split_seed=0):
     if not root.is_dir():
-        raise DataError("image folder not found: no such directory", path=str(root))
+        what = "is a file, not a folder" if root.exists() else "not found: no such directory"
+        raise DataError(f"image folder {what} (it needs train/<class>/ and val/<class>/)", path=str(root))
     c = fit["out_shape"][0]
     if c not in (1, 3):
         raise DataError(f"image folders give grey or RGB images, but the spec's input has {c} channels")

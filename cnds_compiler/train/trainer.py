@@ -255,7 +255,9 @@ class Trainer:
         global_micro = self.micro_batch * self.acc.num_processes
         if len(self.data.train) < global_micro * self.opts.grad_accum:
             raise TrainingError(
-                f"the training set has {len(self.data.train)} examples, fewer than one batch of {self.cfg.batch}"
+                f"the training set of --data {self.data.source or self.opts.data} has {len(self.data.train)} "
+                f"examples, fewer than one batch of {self.cfg.batch}; give a --batch-size of "
+                f"{len(self.data.train)} or less, or more data"
             )
 
     def _write_run_description(self) -> None:
