@@ -209,6 +209,8 @@ def saved_train_config(folder: Path) -> TrainConfig | None:
     from ..serialize import train_config_from_dict
 
     for name in ("last.pt", "best.pt"):
+        if not (folder / name).is_file():  # a FIFO would block the read; the full load names what it is
+            continue
         try:
             state = torch.load(folder / name, map_location="cpu", weights_only=True, mmap=True)
             return train_config_from_dict(json.loads(state["train_config"]))
