@@ -364,6 +364,16 @@ def test_thread_counts_outside_1_to_1024_are_usage_errors(models, images, tmp_pa
     assert not (tmp_path / "f.npz").exists()
 
 
+def test_predict_quotes_a_name_with_a_line_break_so_each_result_stays_one_line(models, images, tmp_path, capsys):
+    import shutil
+
+    odd = tmp_path / "a\nb.png"
+    shutil.copy(images["a.png"], odd)
+    assert predict_main([str(models["digits"]), str(odd), str(images["a.png"])]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith(ascii(str(odd)) + ": ") and lines[1].startswith(str(images["a.png"]))
+
+
 def test_16_bit_grey_png_is_scaled_like_its_8_bit_twin(tmp_path):
     from cnds_runtime.preprocess import eight_bit, open_image
     from PIL import Image

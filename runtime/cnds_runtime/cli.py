@@ -217,7 +217,9 @@ class PredictCLI(_CLI):
                         for i, lab, s in zip(pred.indices, pred.labels, pred.scores, strict=True)]}))
                 else:
                     tops = ", ".join(f"{lab} {s:.1%}" for lab, s in zip(pred.labels, pred.scores, strict=True))
-                    print(f"{os.fspath(path)}: {tops}")
+                    name = os.fspath(path)
+                    # a line break in a name would make one result read as two lines: quote such a name
+                    print(f"{name if name.splitlines() == [name] else ascii(name)}: {tops}")
         return 0
 
 
