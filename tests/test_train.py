@@ -286,6 +286,18 @@ def test_resume_alone_continues_with_the_runs_own_flags_and_a_flag_given_again_o
     assert json.loads(load_checkpoint(whole / "last.pt")["train_config"])["lr"] == 0.01
 
 
+def test_a_batchnorm_with_one_example_per_micro_batch_is_refused_before_training(tmp_path):
+    spec = tmp_path / "bn1.cnds"
+    spec.write_text("network bn1\ninput 1x8x8\nclasses 10\nc1: conv2d(8, 3, pad=1) relu\np: gap\n"
+                    "f: linear(16) batchnorm relu\nfc: linear(classes)\n")
+    r = _train([str(spec), "--out", str(tmp_path / "run"), "--no-progress", "--cpu", "--limit-train", "64",
+                "--batch-size", "4", "--grad-accum", "4"])
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "training error: batchnorm (f) needs at least 2 examples per micro-batch, but batch 4 over 1 process(es) "
+        "× 4 accumulation gives 1; raise --batch-size or lower --grad-accum / --processes"]
+    assert not (tmp_path / "run").exists()
+
+
 def _free_port() -> int:
     """A port nothing listens on now (a fixed one can still be in TIME_WAIT from the previous run)."""
     import socket

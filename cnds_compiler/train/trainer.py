@@ -32,7 +32,7 @@ import torch
 
 from ..errors import TrainingError
 from ..io import atomic_write_text
-from ..ir import MAX_SEED, Network, TrainConfig
+from ..ir import MAX_SEED, Network, OpKind, TrainConfig
 from ..serialize import dumps
 from .evaluate import evaluate
 from .loss import LossTally, alphas, deep_supervision_loss
@@ -214,6 +214,12 @@ class Trainer:
                 f"batch {cfg.batch} is not divisible by processes ({world}) × gradient accumulation ({opts.grad_accum})"
             )
         self.micro_batch = cfg.batch // (world * opts.grad_accum)
+        norms = [n.group for n in net.nodes if n.kind is OpKind.BATCHNORM]
+        if norms and self.micro_batch == 1:  # one value per channel: no batch statistics to normalise with
+            raise TrainingError(
+                f"batchnorm ({norms[0]}{' …' if len(norms) > 1 else ''}) needs at least 2 examples per micro-batch, "
+                f"but batch {cfg.batch} over {world} process(es) × {opts.grad_accum} accumulation gives 1; "
+                "raise --batch-size or lower --grad-accum / --processes")
         self._check_memory()
         self.start_epoch = 0
         self.step = 0
