@@ -189,6 +189,58 @@ def test_caffe_malformed_file_and_missing_file(tmp_path, capsys):
     assert not (tmp_path / "m.cnds").exists()
 
 
+SMALL = """name: "t"
+input: "data"
+input_dim: 1
+input_dim: 1
+input_dim: 8
+input_dim: 8
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1" convolution_param { num_output: 4 kernel_size: 3 pad: 1 } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "fc" type: "InnerProduct" bottom: "conv1" top: "fc" inner_product_param { num_output: 10 } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc" bottom: "label" top: "loss" }
+"""
+
+
+@pytest.mark.parametrize("old, new, at, message", [
+    ("pad: 1 }", "pad_h: 0 pad_w: 1 }", "pad_h", "convolution_param { pad_h } is not imported"),
+    ("kernel_size: 3", "kernel_size: 3 kernel_size: 1", "kernel_size: 1", "convolution_param { kernel_size } given per side"),
+    ('top: "conv1" }', 'top: "conv1" relu_param { negative_slope: 0.1 } }', "negative_slope", "a leaky ReLU (negative_slope 0.1)"),
+    ('top: "loss" }', 'top: "loss" loss_weight: nan }', "loss_weight", "loss_weight must be a finite number >= 0, got 'nan'"),
+    ("num_output: 4", 'num_output: "2*2"', "num_output", "num_output } must be a whole number >= 1, got '2*2'"),
+    ("kernel_size: 3", "kernel_size: 0", "kernel_size: 0", "kernel_size } must be a whole number >= 1, got 0"),
+    ("input_dim: 8\ninput_dim: 8", 'input_dim: "eight"\ninput_dim: 8', 'input_dim: "eight"', "input_dim must be a whole number"),
+    ('layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }',
+     'layer { name: "other" type: "Convolution" bottom: "data" top: "conv1" convolution_param { num_output: 2 '
+     'kernel_size: 1 } }', 'layer { name: "other"', "blob 'conv1' is written by layer 'conv1' and again by 'other'"),
+    ('layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }',
+     'layer { name: "early" type: "InnerProduct" bottom: "conv1" top: "early" inner_product_param { num_output: 3 } }\n'
+     'layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }', 'layer { name: "relu1"',
+     "layer 'relu1' rewrites blob 'conv1' in place after layer 'early' read its earlier value"),
+], ids=["pad_h", "kernel-per-side", "leaky-relu", "loss-weight-nan", "string-number", "kernel-0", "input-dim-string",
+        "two-writers", "in-place-after-a-reader"])
+def test_caffe_fields_cnds_would_drop_or_misread_are_errors_at_their_place(old, new, at, message, tmp_path,
+                                                                              capsys):
+    """Each imported silently before (exit 0, a different network) or failed with a traceback or against the
+    output file: now one line at the prototxt's line:col, nothing written."""
+    assert old in SMALL
+    path, out = tmp_path / "t.prototxt", tmp_path / "t.cnds"
+    text = SMALL.replace(old, new, 1)
+    path.write_text(text)
+    i = text.index(at)  # the field (or layer) the error is about
+    where = f"{text.count(chr(10), 0, i) + 1}:{i - text.rfind(chr(10), 0, i)}"
+    assert import_main([str(path), "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"{path}:{where}: ") and message in err.splitlines()[0], err
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_caffe_small_net_imports_as_is(tmp_path, capsys):
+    path, out = tmp_path / "t.prototxt", tmp_path / "t.cnds"
+    path.write_text(SMALL)
+    assert import_main([str(path), "-o", str(out)]) == 0 and "conv1: conv2d(4, 3, pad=1" in out.read_text()
+
+
 # ---- torchvision ------------------------------------------------------------------------------------------
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from lark import Lark, Token, Tree, UnexpectedEOF, UnexpectedInput
 from lark.exceptions import UnexpectedToken
 
-from ..errors import SpecSyntaxError, UnsupportedError
+from ..errors import ArgumentError, SpecSyntaxError, UnsupportedError
 from ..parser import grammar_cache
 from ..source import Source, Span
 
@@ -116,6 +116,76 @@ class Layer:
         return str(include) if include is not None else None
 
 
+# The numeric fields read from each kind of layer: (param message, field, integer?, smallest value, largest
+# value); a value of another type or out of range is an error at its line:col before anything is written.
+_NUMBERS = {
+    "Convolution": [("convolution_param", f, True, lo, None) for f, lo in (
+        ("num_output", 1), ("kernel_size", 1), ("kernel_h", 1), ("kernel_w", 1), ("stride", 1), ("pad", 0),
+        ("group", 1), ("dilation", 1))],
+    "InnerProduct": [("inner_product_param", "num_output", True, 1, None)],
+    "Pooling": [("pooling_param", f, True, lo, None) for f, lo in (("kernel_size", 1), ("stride", 1), ("pad", 0))],
+    "Dropout": [("dropout_param", "dropout_ratio", False, 0, 1)],
+    "LRN": [("lrn_param", "local_size", True, 1, None), ("lrn_param", "alpha", False, 0, None),
+            ("lrn_param", "beta", False, 0, None), ("lrn_param", "k", False, 0, None)],
+    "BatchNorm": [("batch_norm_param", "eps", False, 0, None),
+                  ("batch_norm_param", "moving_average_fraction", False, 0, 1)],
+    **{loss: [(None, "loss_weight", False, 0, None)] for loss in _LOSSES},
+}
+# Fields cnds does not translate: imported silently they would change the network.
+_UNTRANSLATED = {
+    "Convolution": ("convolution_param", ("pad_h", "pad_w", "stride_h", "stride_w")),
+    "Pooling": ("pooling_param", ("kernel_h", "kernel_w", "pad_h", "pad_w", "stride_h", "stride_w")),
+}
+_ONE_VALUE = {"Convolution": ("convolution_param", ("kernel_size", "stride", "pad", "dilation")),
+              "Pooling": ("pooling_param", ("kernel_size", "stride", "pad"))}
+
+
+def _check_number(msg: Msg, key: str, integer: bool, low: float, high: float | None, what: str) -> None:
+    """Every ``key`` of ``msg`` is a number (a whole one with ``integer``) in [low, high]; else an
+    :class:`ArgumentError` at the value's line:col, naming it as ``what``."""
+    import math
+
+    for k, v, span in msg.fields:
+        if k != key:
+            continue
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if not number or not math.isfinite(v) or (integer and v != int(v)) or v < low or (high is not None and v > high):
+            kind = "a whole number" if integer else "a finite number"
+            bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise ArgumentError(f"{what} must be {kind} {bounds}, got {v!r}", span)
+
+
+def _check_fields(layer: Layer) -> None:
+    """Every numeric field cnds reads is a number in its range, and no field it would drop is set."""
+    for param, key, integer, low, high in _NUMBERS.get(layer.type, ()):
+        msg = layer.msg.msg(param) if param else layer.msg
+        _check_number(msg, key, integer, low, high,
+                      f"layer '{layer.name}': " + (f"{param} {{ {key} }}" if param else key))
+    if layer.type == "Convolution":
+        sides = [k for k in ("kernel_h", "kernel_w") if layer.msg.msg("convolution_param").get(k) is not None]
+        if layer.msg.msg("convolution_param").get("kernel_size") is None and len(sides) != 2:
+            raise UnsupportedError(f"layer '{layer.name}': convolution_param needs kernel_size, or both kernel_h "
+                                   "and kernel_w", layer.span)
+    if layer.type in _UNTRANSLATED:
+        param, keys = _UNTRANSLATED[layer.type]
+        for k, _, span in layer.msg.msg(param).fields:
+            if k in keys:
+                raise UnsupportedError(f"layer '{layer.name}': {param} {{ {k} }} is not imported (cnds would drop "
+                                       "it and change the network); give one value for both sides", span)
+    if layer.type in _ONE_VALUE:
+        param, keys = _ONE_VALUE[layer.type]
+        for key in keys:
+            repeated = [span for k, _, span in layer.msg.msg(param).fields if k == key][1:]
+            if repeated:
+                raise UnsupportedError(f"layer '{layer.name}': {param} {{ {key} }} given per side (height, then "
+                                       "width) is not imported; give one value for both sides", repeated[0])
+    if layer.type == "ReLU":
+        for k, v, span in layer.msg.msg("relu_param").fields:
+            if k == "negative_slope" and v != 0:
+                raise UnsupportedError(f"layer '{layer.name}': a leaky ReLU (negative_slope {v!r}) is not "
+                                       "imported; cnds has the plain ReLU only", span)
+
+
 def _ident(name: str) -> str:
     """A Caffe name as a cnds name: ``inception_3a/1x1`` → ``inception_3a.1x1``."""
     parts = [re.sub(r"\W", "_", p) or "_" for p in re.split(r"[/.]", name)]
@@ -169,11 +239,41 @@ class _Importer:
             listed = "; ".join(f"{layer.span.location().line}:{layer.span.location().column} {layer.name} "
                                f"({layer.type}{self._unsupported_detail(layer)})" for layer in unsupported)
             raise UnsupportedError(f"{len(unsupported)} layer(s) cnds cannot import: {listed}", unsupported[0].span)
+        for layer in self.layers:
+            _check_fields(layer)
+        for key, v, span in [*self.net.fields, *self.net.msg("input_shape").fields]:
+            if key in ("input_dim", "dim"):
+                _check_number(Msg([(key, v, span)]), key, True, 1, None, key)
+        self._check_blob_order()
         layers = [layer for layer in self.layers if layer.phase != "TEST"]
         shape, data = self._input(layers)
         losses = [layer for layer in layers if layer.type in _LOSSES]
         main_loss = self._main_loss(losses, layers)
         return self._write(layers, shape, data, losses, main_loss)
+
+    def _check_blob_order(self) -> None:
+        """Refuse what the statements cannot say: a blob written by two layers (Caffe refuses it too), and an
+        in-place layer (a ReLU on ``conv1``) after another layer read the blob's earlier value — joined to the
+        statement that makes the blob, it would run before that reader."""
+        writer: dict[str, Layer] = {}
+        readers: dict[str, list[Layer]] = {}  # of each blob's current value
+        for layer in (layer for layer in self.layers if layer.phase != "TEST"):
+            for top in layer.tops:
+                in_place = top in layer.bottoms
+                if top in writer and not in_place:
+                    raise UnsupportedError(f"blob '{top}' is written by layer '{writer[top].name}' and again by "
+                                           f"'{layer.name}' (not in place): Caffe refuses a blob with two sources",
+                                           layer.span)
+                earlier = [r.name for r in readers.get(top, []) if r is not layer]
+                if in_place and earlier:
+                    raise UnsupportedError(f"layer '{layer.name}' rewrites blob '{top}' in place after layer "
+                                           f"'{earlier[0]}' read its earlier value, which cnds cannot keep apart; give "
+                                           f"'{layer.name}' a top of its own", layer.span)
+            for bottom in layer.bottoms:
+                readers.setdefault(bottom, []).append(layer)
+            for top in layer.tops:
+                writer[top] = layer
+                readers[top] = []
 
     @staticmethod
     def _unsupported_detail(layer: Layer) -> str:
