@@ -158,7 +158,7 @@ class CompileCLI:
             text = dumps(net)
         elif a.emit == "dot":
             text = to_dot(net)
-            if out is not None and out.suffix in (".svg", ".png", ".pdf"):
+            if out is not None and out.suffix.lower() in (".svg", ".png", ".pdf"):
                 render(text, out)
                 if not a.quiet:
                     print(f"wrote {out}")

@@ -112,7 +112,7 @@ def render(dot_text: str, out: Path) -> None:
     exe = shutil.which("dot")
     if exe is None:
         raise CndsError("Graphviz is not installed (apt-get install graphviz), cannot render", path=str(out))
-    fmt = out.suffix.lstrip(".")
+    fmt = out.suffix.lstrip(".").lower()
     tmp = out.with_name(f".{out.name}.tmp")
     result = subprocess.run([exe, f"-T{fmt}", "-o", str(tmp)], input=dot_text.encode(), capture_output=True)
     if result.returncode != 0:

@@ -207,6 +207,9 @@ def test_dot_renders_svg(capsys, tmp_path):
     text = svg.read_text()
     assert "<svg" in text and "conv3_2" in text and "supervision branch on conv3_2" in text
     assert not list(tmp_path.glob(".*.tmp"))
+    png = tmp_path / "net.PNG"  # an upper-case extension is still an image (it was written as Graphviz text)
+    code, out, err = run_cli(capsys, DIGITS, "--emit", "dot", "-o", png)
+    assert code == 0 and png.read_bytes()[:4] == b"\x89PNG", err
 
 
 # ---- passes: -p, --time-passes ---------------------------------------------------------------------
