@@ -130,6 +130,8 @@ _NUMBERS = {
     "BatchNorm": [("batch_norm_param", "eps", False, 0, None),
                   ("batch_norm_param", "moving_average_fraction", False, 0, 1)],
     **{loss: [(None, "loss_weight", False, 0, None)] for loss in _LOSSES},
+    **{data: [("transform_param", "crop_size", True, 1, None), ("transform_param", "scale", False, 1e-12, None),
+              ("transform_param", "mean_value", False, -1e6, 1e6)] for data in _DATA},
 }
 # Fields cnds does not translate: imported silently they would change the network.
 _UNTRANSLATED = {
@@ -161,6 +163,9 @@ def _check_fields(layer: Layer) -> None:
         msg = layer.msg.msg(param) if param else layer.msg
         _check_number(msg, key, integer, low, high,
                       f"layer '{layer.name}': " + (f"{param} {{ {key} }}" if param else key))
+    if layer.type in _DATA:
+        _check_number(layer.msg.msg("input_param").msg("shape"), "dim", True, 1, None,
+                      f"layer '{layer.name}': input_param {{ shape {{ dim }} }}")
     if layer.type == "Convolution":
         sides = [k for k in ("kernel_h", "kernel_w") if layer.msg.msg("convolution_param").get(k) is not None]
         if layer.msg.msg("convolution_param").get("kernel_size") is None and len(sides) != 2:
