@@ -244,17 +244,9 @@ def command(prog: str):
                 print(f"{prog}: interrupted", file=sys.stderr)
                 return Interrupted.exit_code
             except OSError as e:
-                # only now: importing the runtime loads numpy and onnxruntime
-                from cnds_runtime.errors import output_write_failed, quiet_closed_streams
+                from cnds_runtime.errors import end_on_output_error  # only now: the runtime loads numpy
 
-                if isinstance(e, BrokenPipeError):
-                    return quiet_closed_streams()  # nothing printed: the reader asked for no more
-                if not output_write_failed(e):
-                    raise
-                quiet_closed_streams()
-                with contextlib.suppress(OSError):  # stderr may be on the same full disk
-                    print(f"{prog}: error: cannot write the output ({e.strerror})", file=sys.stderr)
-                return 1
+                return end_on_output_error(prog, e)
 
         return run
 

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import ImageError, ModelError, RuntimeCndsError, output_write_failed, quiet_closed_streams
+from .errors import ImageError, ModelError, RuntimeCndsError, end_on_output_error
 from .extract import extract_local, extract_ray
 from .model import Batch, Classifier, CndsModel, softmax
 from .output import PARTS_SUFFIX
@@ -236,15 +236,8 @@ def _interruptible(cli: type[_CLI], argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         print(f"{cli.prog}: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        return quiet_closed_streams()  # nothing printed: the reader asked for no more
     except OSError as e:
-        if not output_write_failed(e):
-            raise
-        quiet_closed_streams()
-        with contextlib.suppress(OSError):  # stderr may be on the same full disk
-            print(f"{cli.prog}: error: cannot write the output ({e.strerror})", file=sys.stderr)
-        return 1
+        return end_on_output_error(cli.prog, e)
 
 
 def extract_main(argv: list[str] | None = None) -> int:

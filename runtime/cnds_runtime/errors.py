@@ -70,3 +70,20 @@ def quiet_closed_streams() -> int:
             except (OSError, ValueError):
                 pass
     return BROKEN_PIPE_EXIT
+
+
+def end_on_output_error(prog: str, error: OSError) -> int:
+    """What a command does when writing its own output failed: a reader that went away ends it quietly
+    (:data:`BROKEN_PIPE_EXIT`), a full disk or a failing device is one line and exit 1. Any other
+    :class:`OSError` is raised again: it is not about the output. Shared by every ``cnds-*`` command."""
+    import contextlib
+    import sys
+
+    if isinstance(error, BrokenPipeError):
+        return quiet_closed_streams()  # nothing printed: the reader asked for no more
+    if not output_write_failed(error):
+        raise error
+    quiet_closed_streams()
+    with contextlib.suppress(OSError):  # stderr may be on the same full disk
+        print(f"{prog}: error: cannot write the output ({error.strerror})", file=sys.stderr)
+    return 1
