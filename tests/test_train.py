@@ -293,7 +293,7 @@ def test_a_batchnorm_with_one_example_per_micro_batch_is_refused_before_training
     r = _train([str(spec), "--out", str(tmp_path / "run"), "--no-progress", "--cpu", "--limit-train", "64",
                 "--batch-size", "4", "--grad-accum", "4"])
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
-        "training error: batchnorm (f) needs at least 2 examples per micro-batch, but batch 4 over 1 process(es) "
+        "training error: batchnorm (f) needs at least 2 examples per micro-batch, but batch 4 over 1 process "
         "× 4 accumulation gives 1; raise --batch-size or lower --grad-accum / --processes"]
     assert not (tmp_path / "run").exists()
 

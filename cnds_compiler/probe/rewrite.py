@@ -262,11 +262,10 @@ def write_supervised_spec(
 ) -> tuple[SpecEdit, Network]:
     """Write :func:`edit_spec_text`'s result to ``out_path`` once it compiles; return it and its IR."""
     from ..frontend import compile_text
-    from ..io import atomic_write_text
+    from ..io import atomic_write_text, refuse_unsafe_output
 
     out_path = Path(out_path)
-    if out_path.resolve() == Path(spec_path).resolve():
-        raise CndsError("--write would overwrite the probed spec; choose another file", path=str(out_path))
+    refuse_unsafe_output(out_path, "--write", (("the probed spec", spec_path),))
     edit = edit_spec_text(spec_path, net, taps, out_path=out_path, alpha=alpha, notes=notes,
                           keep_existing=keep_existing, init=init)
     try:

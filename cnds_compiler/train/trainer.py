@@ -218,7 +218,8 @@ class Trainer:
         if norms and self.micro_batch == 1:  # one value per channel: no batch statistics to normalise with
             raise TrainingError(
                 f"batchnorm ({norms[0]}{' …' if len(norms) > 1 else ''}) needs at least 2 examples per micro-batch, "
-                f"but batch {cfg.batch} over {world} process(es) × {opts.grad_accum} accumulation gives 1; "
+                f"but batch {cfg.batch} over {world} process{'es' * (world > 1)} × {opts.grad_accum} accumulation "
+                "gives 1; "
                 "raise --batch-size or lower --grad-accum / --processes")
         self._check_memory()
         self.start_epoch = 0

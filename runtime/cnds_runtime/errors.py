@@ -54,10 +54,10 @@ BROKEN_PIPE_EXIT = 141
 shell reports for a tool the signal ended."""
 
 
-def quiet_closed_streams() -> int:
+def quiet_closed_streams() -> None:
     """After a failed write to stdout or stderr (a :class:`BrokenPipeError`, a full disk): flush what can
     still be written and point a stream that cannot take it at ``/dev/null``, so that the interpreter's
-    flush at exit does not print the same error with a traceback. Returns :data:`BROKEN_PIPE_EXIT`."""
+    flush at exit does not print the same error with a traceback."""
     import os
     import sys
 
@@ -69,7 +69,6 @@ def quiet_closed_streams() -> int:
                 os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
             except (OSError, ValueError):
                 pass
-    return BROKEN_PIPE_EXIT
 
 
 def end_on_output_error(prog: str, error: OSError) -> int:
@@ -79,11 +78,11 @@ def end_on_output_error(prog: str, error: OSError) -> int:
     import contextlib
     import sys
 
-    if isinstance(error, BrokenPipeError):
-        return quiet_closed_streams()  # nothing printed: the reader asked for no more
-    if not output_write_failed(error):
+    if not isinstance(error, BrokenPipeError) and not output_write_failed(error):
         raise error
     quiet_closed_streams()
+    if isinstance(error, BrokenPipeError):
+        return BROKEN_PIPE_EXIT  # nothing printed: the reader asked for no more
     with contextlib.suppress(OSError):  # stderr may be on the same full disk
         print(f"{prog}: error: cannot write the output ({error.strerror})", file=sys.stderr)
     return 1
